@@ -1,0 +1,312 @@
+"""SOAP-BPNN backbone: SOAP power spectrum + one MLP per element.
+
+The architecture of the DPOSE reference work (Kellner & Ceriotti, MLST 2024) and of
+metatrain's SOAP-BPNN. The density expansion uses the Laplacian-eigenstate radial basis
+of torch-spex (splined, built in float64) and the real spherical harmonics of
+sphericart; neighbour species are one-hot channels.
+
+Member forces take the route measured as the cheapest in the design notes: the
+per-member cotangents are pulled back through the (cheap) power spectrum and MLPs in one
+batched autograd call, then contracted with the explicit pair Jacobian of the density
+expansion, which is computed once and shared by all members.
+"""
+
+import math
+from typing import List
+
+import sphericart.torch
+import torch
+
+from ._base import Backbone
+
+
+def _spline_tables(cutoff: float, max_radial: int, max_angular: int):
+    """Build the Laplacian-eigenstate spline tables in float64 with torch-spex."""
+    from spex.radial.physical import LaplacianEigenstates
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        radial = LaplacianEigenstates(
+            cutoff=cutoff, max_radial=max_radial, max_angular=max_angular, trim=True
+        )
+    finally:
+        torch.set_default_dtype(default)
+    spliner = radial.spliner
+    return (
+        [int(n) for n in radial.n_per_l],
+        spliner.spline_values.to(torch.float64),
+        spliner.spline_derivatives.to(torch.float64),
+        float(spliner.spline_spacing),
+    )
+
+
+class SoapBpnn(Backbone):
+    """SOAP power spectrum features followed by per-element MLPs.
+
+    :param atomic_types: atomic numbers the model handles
+    :param cutoff: radial cutoff, angstrom
+    :param cutoff_width: width of the smooth cosine switching region, angstrom
+    :param max_radial: largest radial index at ``l = 0`` (basis trimmed for higher
+        ``l`` by Laplacian eigenvalue, as in torch-spex)
+    :param max_angular: largest spherical harmonics degree
+    :param hidden_sizes: widths of the MLP layers; the last one is the feature size
+        seen by the ensemble heads
+
+    >>> backbone = SoapBpnn([1, 8], cutoff=4.0, max_radial=4, max_angular=3)
+    >>> backbone.feature_size
+    64
+    """
+
+    def __init__(
+        self,
+        atomic_types: List[int],
+        cutoff: float = 5.0,
+        cutoff_width: float = 0.5,
+        max_radial: int = 6,
+        max_angular: int = 4,
+        hidden_sizes: List[int] = [128, 64],  # noqa: B006 (TorchScript needs a list)
+    ) -> None:
+        super().__init__()
+        if len(atomic_types) == 0:
+            raise ValueError("`atomic_types` is empty but must name at least one type")
+        if not 0 < cutoff_width < cutoff:
+            raise ValueError(
+                f"`cutoff_width` is {cutoff_width} but must be in (0, cutoff={cutoff})"
+            )
+        if len(hidden_sizes) == 0:
+            raise ValueError("`hidden_sizes` is empty but needs at least one layer")
+        self.atomic_types = sorted(int(t) for t in atomic_types)
+        self.cutoff = float(cutoff)
+        self.cutoff_width = float(cutoff_width)
+        self.max_angular = int(max_angular)
+        self.n_types = len(self.atomic_types)
+
+        n_per_l, values, derivatives, spacing = _spline_tables(
+            cutoff, max_radial, max_angular
+        )
+        self.n_per_l = n_per_l
+        self.spline_spacing = spacing
+        self.register_buffer("spline_values", values)
+        self.register_buffer("spline_derivatives", derivatives)
+        self.spherical_harmonics = sphericart.torch.SphericalHarmonics(self.max_angular)
+
+        sizes = [(n * self.n_types) ** 2 for n in n_per_l]
+        self.descriptor_size = sum(sizes)
+        self.register_buffer("feature_shift", torch.zeros(self.descriptor_size))
+        self.register_buffer("feature_scale", torch.ones(self.descriptor_size))
+
+        self.feature_size = int(hidden_sizes[-1])
+        self.mlps = torch.nn.ModuleList(
+            [self._make_mlp(self.descriptor_size, hidden_sizes) for _ in atomic_types]
+        )
+
+    @staticmethod
+    def _make_mlp(n_in: int, hidden_sizes: List[int]) -> torch.nn.Sequential:
+        layers: List[torch.nn.Module] = []
+        for n_out in hidden_sizes:
+            layers.append(torch.nn.Linear(n_in, n_out))
+            layers.append(torch.nn.SiLU())
+            n_in = n_out
+        return torch.nn.Sequential(*layers)
+
+    # ---------------------------------------------------------------- pair level --
+    def _radial(self, r: torch.Tensor):
+        """Radial basis times cutoff function, and its derivative, ``(n_pairs, Q)``."""
+        h = self.spline_spacing
+        x = torch.clamp(r, min=0.0, max=self.cutoff)
+        n = torch.floor(x / h).to(torch.long)
+        n = torch.clamp(n, max=self.spline_values.shape[0] - 2)
+        t = ((x - n * h) / h).unsqueeze(-1)
+        p0 = self.spline_values.index_select(0, n)
+        p1 = self.spline_values.index_select(0, n + 1)
+        m0 = self.spline_derivatives.index_select(0, n) * h
+        m1 = self.spline_derivatives.index_select(0, n + 1) * h
+        t2 = t * t
+        t3 = t2 * t
+        values = (
+            (2 * t3 - 3 * t2 + 1) * p0
+            + (t3 - 2 * t2 + t) * m0
+            + (-2 * t3 + 3 * t2) * p1
+            + (t3 - t2) * m1
+        )
+        dvalues = (
+            (6 * t2 - 6 * t) * p0
+            + (3 * t2 - 4 * t + 1) * m0
+            + (-6 * t2 + 6 * t) * p1
+            + (3 * t2 - 2 * t) * m1
+        ) / h
+
+        onset = self.cutoff - self.cutoff_width
+        arg = math.pi * (r - onset) / self.cutoff_width
+        inside = r < onset
+        beyond = r >= self.cutoff
+        fc = torch.where(inside, torch.ones_like(r), 0.5 * (1.0 + torch.cos(arg)))
+        fc = torch.where(beyond, torch.zeros_like(r), fc)
+        dfc = -0.5 * math.pi / self.cutoff_width * torch.sin(arg)
+        dfc = torch.where(inside | beyond, torch.zeros_like(r), dfc)
+        fc = fc.unsqueeze(-1)
+        dfc = dfc.unsqueeze(-1)
+        return values * fc, dvalues * fc + values * dfc
+
+    def _density(
+        self,
+        vectors: torch.Tensor,
+        centers: torch.Tensor,
+        neighbors: torch.Tensor,
+        species: torch.Tensor,
+    ) -> List[torch.Tensor]:
+        """Density expansion per ``l``: ``(n_atoms, 2l+1, n_l, n_types)``."""
+        n_atoms = species.shape[0]
+        r = torch.linalg.vector_norm(vectors, dim=-1)
+        radial, _ = self._radial(r)
+        sph = self.spherical_harmonics(vectors)
+        slot = centers * self.n_types + species.index_select(0, neighbors)
+        density: List[torch.Tensor] = []
+        q0 = 0
+        for ell, n_l in enumerate(self.n_per_l):
+            m = 2 * ell + 1
+            y_l = sph[:, ell * ell : ell * ell + m]
+            r_l = radial[:, q0 : q0 + n_l]
+            pair = y_l.unsqueeze(-1) * r_l.unsqueeze(-2)
+            c = torch.zeros(
+                (n_atoms * self.n_types, m, n_l), dtype=pair.dtype, device=pair.device
+            )
+            c = c.index_add(0, slot, pair)
+            c = c.reshape(n_atoms, self.n_types, m, n_l).permute(0, 2, 3, 1)
+            density.append(c)
+            q0 += n_l
+        return density
+
+    # --------------------------------------------------------------- atom level --
+    def _power_spectrum(self, density: List[torch.Tensor]) -> torch.Tensor:
+        """Invariant power spectrum, shape ``(..., n_atoms, descriptor_size)``."""
+        blocks: List[torch.Tensor] = []
+        for ell, c in enumerate(density):
+            c = c.flatten(-2)
+            ps = torch.einsum("...mq,...mr->...qr", c, c) / math.sqrt(2 * ell + 1)
+            blocks.append(ps.flatten(-2))
+        return torch.cat(blocks, dim=-1)
+
+    def _mlp(self, descriptor: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """Per-element MLPs on ``(..., n_atoms, descriptor_size)``."""
+        descriptor = (descriptor - self.feature_shift) * self.feature_scale
+        shape = descriptor.shape[:-1] + (self.feature_size,)
+        out = torch.zeros(shape, dtype=descriptor.dtype, device=descriptor.device)
+        for i_type, mlp in enumerate(self.mlps):
+            idx = torch.nonzero(species == i_type).reshape(-1)
+            x = descriptor.index_select(descriptor.dim() - 2, idx)
+            out = out.index_copy(out.dim() - 2, idx, mlp(x))
+        return out
+
+    def forward(
+        self,
+        vectors: torch.Tensor,
+        centers: torch.Tensor,
+        neighbors: torch.Tensor,
+        species: torch.Tensor,
+    ) -> torch.Tensor:
+        density = self._density(vectors, centers, neighbors, species)
+        return self._mlp(self._power_spectrum(density), species)
+
+    # ---------------------------------------------------------- member forces --
+    @torch.jit.unused
+    def vectors_vjp(
+        self,
+        vectors: torch.Tensor,
+        centers: torch.Tensor,
+        neighbors: torch.Tensor,
+        species: torch.Tensor,
+        cotangents: torch.Tensor,
+        create_graph: bool = False,
+    ) -> torch.Tensor:
+        """Pair-vector gradients for all members at once (see :py:class:`Backbone`).
+
+        Cost: one batched pass through power spectrum and MLPs for all members, and
+        one contraction with the pair Jacobian of the density; no loop over members.
+        """
+        n_members = cotangents.shape[0]
+        with torch.no_grad():
+            density = self._density(vectors, centers, neighbors, species)
+        with torch.enable_grad():
+            replicated = [
+                c.unsqueeze(0).repeat(n_members, 1, 1, 1, 1).requires_grad_(True)
+                for c in density
+            ]
+            features = self._mlp(self._power_spectrum(replicated), species)
+            dens_grads = torch.autograd.grad(
+                (features * cotangents).sum(), replicated, create_graph=create_graph
+            )
+
+        # member cotangents of the density: (n_atoms * n_types, K, n_members)
+        cotangent = torch.cat(
+            [
+                g.permute(1, 4, 2, 3, 0).reshape(-1, g.shape[2] * g.shape[3], n_members)
+                for g in dens_grads
+            ],
+            dim=1,
+        )
+
+        # group the pairs by density slot (center atom, neighbour type), padded, so
+        # that one batched matmul contracts each slot's pairs with its cotangents
+        slot = centers * self.n_types + species.index_select(0, neighbors)
+        n_slots = cotangent.shape[0]
+        order = torch.argsort(slot, stable=True)
+        counts = torch.bincount(slot, minlength=n_slots)
+        max_pairs = int(counts.max()) if slot.numel() > 0 else 1
+        starts = torch.cumsum(counts, 0) - counts
+        sorted_slot = slot.index_select(0, order)
+        rank = torch.arange(slot.shape[0], device=slot.device) - starts[sorted_slot]
+        dense_index = sorted_slot * max_pairs + rank
+
+        with torch.no_grad():
+            jacobian = self._pair_jacobian(vectors.detach().index_select(0, order))
+            n_k = jacobian.shape[-1]
+            dense = jacobian.new_zeros((n_slots * max_pairs, 3, n_k))
+            dense.index_copy_(0, dense_index, jacobian)
+        result = torch.bmm(dense.reshape(n_slots, max_pairs * 3, n_k), cotangent)
+        result = result.reshape(n_slots * max_pairs, 3, n_members)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.shape[0], device=order.device)
+        grads = result.index_select(0, dense_index.index_select(0, inverse))
+        return grads.permute(2, 0, 1)
+
+    def _pair_jacobian(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Derivative of each pair's density contribution, ``(n_pairs, 3, K)``.
+
+        ``K`` runs over ``(l, m, n)`` in the order of :py:meth:`_density`.
+        """
+        r = torch.linalg.vector_norm(vectors, dim=-1)
+        radial, dradial = self._radial(r)
+        sph, dsph = self.spherical_harmonics.compute_with_gradients(vectors)
+        unit = vectors / r.unsqueeze(-1)
+        blocks = []
+        q0 = 0
+        for ell, n_l in enumerate(self.n_per_l):
+            m = 2 * ell + 1
+            y = sph[:, ell * ell : ell * ell + m]
+            dy = dsph[:, :, ell * ell : ell * ell + m]
+            rad = radial[:, q0 : q0 + n_l]
+            drad = dradial[:, q0 : q0 + n_l]
+            # d/dR [R_n(r) Y_m(R)] = R_n'(r) Y_m r_hat + R_n dY_m/dR
+            block = (unit[:, :, None, None] * (y[:, :, None] * drad[:, None, :])[:, None])
+            block = block + dy[:, :, :, None] * rad[:, None, None, :]
+            blocks.append(block.reshape(r.shape[0], 3, m * n_l))
+            q0 += n_l
+        return torch.cat(blocks, dim=-1)
+
+    @torch.jit.unused
+    def fit_normalization(self, graphs: List[List[torch.Tensor]]) -> None:
+        """Standardise the power spectrum features on training graphs.
+
+        :param graphs: ``[vectors, centers, neighbors, species]`` of a few structures
+        """
+        with torch.no_grad():
+            descriptors = [
+                self._power_spectrum(self._density(*graph)) for graph in graphs
+            ]
+            all_desc = torch.cat(descriptors, dim=0)
+            self.feature_shift.copy_(all_desc.mean(dim=0))
+            std = all_desc.std(dim=0) if all_desc.shape[0] > 1 else all_desc.abs()
+            scale = 1.0 / torch.clamp(std, min=1e-6 * float(std.max()) + 1e-12)
+            self.feature_scale.copy_(scale)
