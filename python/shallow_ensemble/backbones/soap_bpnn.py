@@ -76,6 +76,14 @@ class SoapBpnn(Backbone):
             )
         if len(hidden_sizes) == 0:
             raise ValueError("`hidden_sizes` is empty but needs at least one layer")
+        self.hypers = {
+            "atomic_types": [int(t) for t in atomic_types],
+            "cutoff": float(cutoff),
+            "cutoff_width": float(cutoff_width),
+            "max_radial": int(max_radial),
+            "max_angular": int(max_angular),
+            "hidden_sizes": [int(h) for h in hidden_sizes],
+        }
         self.atomic_types = sorted(int(t) for t in atomic_types)
         self.cutoff = float(cutoff)
         self.cutoff_width = float(cutoff_width)
@@ -98,7 +106,7 @@ class SoapBpnn(Backbone):
 
         self.feature_size = int(hidden_sizes[-1])
         self.mlps = torch.nn.ModuleList(
-            [self._make_mlp(self.descriptor_size, hidden_sizes) for _ in atomic_types]
+            [self._make_mlp(self.descriptor_size, hidden_sizes) for _ in self.atomic_types]
         )
 
     @staticmethod

@@ -1,0 +1,45 @@
+"""The ``shallow-ensemble`` command."""
+
+import argparse
+import sys
+
+from . import evaluate, export, quickstart, train
+
+
+COMMANDS = {
+    "train": train,
+    "evaluate": evaluate,
+    "export": export,
+    "quickstart": quickstart,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shallow-ensemble",
+        description="Train, calibrate, evaluate and export shallow-ensemble "
+        "interatomic potentials with calibrated uncertainties.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, module in COMMANDS.items():
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(COMMANDS[args.command].run(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

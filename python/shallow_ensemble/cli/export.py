@@ -1,0 +1,31 @@
+"""``shallow-ensemble export MODEL.ckpt -o model.pt``."""
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a checkpoint as a metatomic model",
+        description="Write a TorchScript metatomic model (energy, energy_uncertainty, "
+        "energy_ensemble) for LAMMPS, i-PI, ASE and C++. Compiled extensions are "
+        "collected in an 'extensions/' folder next to the model.",
+    )
+    parser.add_argument("checkpoint", help="model.ckpt written by `train`")
+    parser.add_argument("-o", "--output", default="model.pt", help="exported file")
+    parser.add_argument(
+        "--dtype", default="float64", choices=["float64", "float32"],
+        help="precision of the exported model (default float64)",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export import export_model
+    from ..training import load_model
+
+    model = load_model(args.checkpoint)
+    path = export_model(model, args.output, dtype=args.dtype)
+    print(f"wrote {path} (extensions in {Path(path).parent / 'extensions'})")
+    return 0

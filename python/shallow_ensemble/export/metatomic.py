@@ -1,0 +1,245 @@
+"""Export a trained ensemble as a metatomic ``AtomisticModel`` (TorchScript).
+
+The exported model declares ``energy`` (ensemble mean), ``energy_uncertainty``
+(calibrated standard deviation) and ``energy_ensemble`` (calibrated members), all
+available per system and per atom. LAMMPS, i-PI, ASE and C++ code run it directly;
+forces and stress come from the engine's autograd of ``energy`` (member forces from
+``energy_ensemble``).
+"""
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from metatensor.torch import Labels, TensorBlock, TensorMap
+from metatomic.torch import (
+    AtomisticModel,
+    ModelCapabilities,
+    ModelMetadata,
+    ModelOutput,
+    NeighborListOptions,
+    System,
+)
+
+from ..model import EnsembleModel
+
+
+REFERENCES = {
+    "architecture": [
+        "M. Kellner, M. Ceriotti, 'Uncertainty quantification by direct propagation "
+        "of shallow ensembles', Mach. Learn.: Sci. Technol. 5, 035006 (2024)",
+        "https://arxiv.org/abs/2602.15747 (How to train a shallow ensemble, 2026)",
+        "F. Bigi, S. Chong, M. Ceriotti, F. Grasselli, 'A prediction rigidity "
+        "formalism for low-cost uncertainties in trained neural networks', Mach. "
+        "Learn.: Sci. Technol. 5, 045018 (2024)",
+    ],
+}
+
+OUTPUT_NAMES = ["energy", "energy_uncertainty", "energy_ensemble"]
+
+
+class ExportedEnsemble(torch.nn.Module):
+    """The TorchScript module inside the exported model (see module docstring).
+
+    Per-atom outputs and per-system sums only cover ``selected_atoms`` when given
+    (the other atoms, e.g. ghosts of a domain decomposition, are neighbours only).
+    The per-system uncertainty is the spread of the summed member energies, so a
+    per-atom uncertainty and a per-system ensemble can be asked for in one call.
+    """
+
+    def __init__(self, model: EnsembleModel) -> None:
+        super().__init__()
+        self.model = model
+        self.num_members = model.num_members
+        self.neighbors = NeighborListOptions(
+            cutoff=model.backbone.cutoff, full_list=True, strict=True
+        )
+
+    @torch.jit.export
+    def requested_neighbor_lists(self) -> List[NeighborListOptions]:
+        return [self.neighbors]
+
+    def forward(
+        self,
+        systems: List[System],
+        outputs: Dict[str, ModelOutput],
+        selected_atoms: Optional[Labels] = None,
+    ) -> Dict[str, TensorMap]:
+        if len(outputs) == 0:
+            return {}
+        for name in outputs.keys():
+            if name not in ["energy", "energy_uncertainty", "energy_ensemble"]:
+                raise ValueError(f"this model can not compute the '{name}' output")
+
+        vectors: List[torch.Tensor] = []
+        centers: List[torch.Tensor] = []
+        neighbors: List[torch.Tensor] = []
+        species: List[torch.Tensor] = []
+        system_index: List[torch.Tensor] = []
+        atom_index: List[torch.Tensor] = []
+        offset = 0
+        for i_system, system in enumerate(systems):
+            nl = system.get_neighbor_list(self.neighbors)
+            pairs = nl.samples.values
+            vectors.append(nl.values.reshape(-1, 3))
+            centers.append(pairs[:, 0].to(torch.long) + offset)
+            neighbors.append(pairs[:, 1].to(torch.long) + offset)
+            species.append(self.model.species_index(system.types.to(torch.long)))
+            n_atoms = len(system)
+            system_index.append(
+                torch.full((n_atoms,), i_system, dtype=torch.long, device=pairs.device)
+            )
+            atom_index.append(torch.arange(n_atoms, device=pairs.device))
+            offset += n_atoms
+
+        sys_idx = torch.cat(system_index)
+        atom_idx = torch.cat(atom_index)
+        atomic = self.model(
+            torch.cat(vectors), torch.cat(centers), torch.cat(neighbors),
+            torch.cat(species),
+        )
+        ensemble, atom_std = self.model.calibrated_atomic_energies(atomic)
+        mean = atomic.mean(dim=1)
+
+        if selected_atoms is not None:
+            keep = self._selection_mask(sys_idx, atom_idx, selected_atoms)
+            sys_idx = sys_idx[keep]
+            atom_idx = atom_idx[keep]
+            ensemble = ensemble[keep]
+            atom_std = atom_std[keep]
+            mean = mean[keep]
+
+        n_systems = len(systems)
+        device = atomic.device
+        result: Dict[str, TensorMap] = {}
+        for name, request in outputs.items():
+            per_atom = request.sample_kind == "atom"
+            if name == "energy":
+                values = mean.unsqueeze(-1)
+            elif name == "energy_ensemble":
+                values = ensemble
+            else:
+                values = atom_std.unsqueeze(-1)
+            if per_atom:
+                samples = Labels(
+                    ["system", "atom"], torch.stack([sys_idx, atom_idx], dim=1).to(torch.int32)
+                )
+            else:
+                if name == "energy_uncertainty":
+                    summed = torch.zeros(
+                        (n_systems, ensemble.shape[1]), dtype=ensemble.dtype, device=device
+                    ).index_add(0, sys_idx, ensemble)
+                    values = summed.std(dim=1, keepdim=True) if summed.shape[1] > 1 else (
+                        torch.zeros_like(summed[:, :1])
+                    )
+                else:
+                    values = torch.zeros(
+                        (n_systems, values.shape[1]), dtype=values.dtype, device=device
+                    ).index_add(0, sys_idx, values)
+                samples = Labels(
+                    ["system"],
+                    torch.arange(n_systems, dtype=torch.int32, device=device).reshape(-1, 1),
+                )
+            n_props = values.shape[1]
+            properties = Labels(
+                ["energy"],
+                torch.arange(n_props, dtype=torch.int32, device=device).reshape(-1, 1),
+            )
+            block = TensorBlock(
+                values=values, samples=samples, components=[], properties=properties
+            )
+            keys = Labels(["_"], torch.zeros((1, 1), dtype=torch.int32, device=device))
+            result[name] = TensorMap(keys, [block])
+        return result
+
+    def _selection_mask(
+        self, sys_idx: torch.Tensor, atom_idx: torch.Tensor, selected: Labels
+    ) -> torch.Tensor:
+        """Boolean mask of the atoms listed in ``selected`` (``system``, ``atom``)."""
+        values = selected.values.to(torch.long)
+        sel_sys = values[:, selected.names.index("system")]
+        sel_atom = values[:, selected.names.index("atom")]
+        n_max = int(atom_idx.max()) + 1 if atom_idx.numel() > 0 else 1
+        key = sys_idx * n_max + atom_idx
+        wanted = sel_sys * n_max + sel_atom
+        return torch.isin(key, wanted)
+
+
+def capabilities(model: EnsembleModel, dtype: str) -> ModelCapabilities:
+    outputs = {
+        "energy": ModelOutput(
+            unit="eV", sample_kind="atom", description="ensemble mean energy"
+        ),
+        "energy_uncertainty": ModelOutput(
+            unit="eV",
+            sample_kind="atom",
+            description="calibrated standard deviation of the ensemble energy",
+        ),
+        "energy_ensemble": ModelOutput(
+            unit="eV",
+            sample_kind="atom",
+            description=f"calibrated energies of the {model.num_members} members",
+        ),
+    }
+    return ModelCapabilities(
+        outputs=outputs,
+        atomic_types=list(model.atomic_types),
+        interaction_range=float(model.backbone.cutoff),
+        length_unit="angstrom",
+        supported_devices=["cpu", "cuda"],
+        dtype=dtype,
+    )
+
+
+def to_atomistic_model(
+    model: EnsembleModel,
+    dtype: str = "float64",
+    name: str = "shallow-ensemble",
+    description: str = "",
+) -> AtomisticModel:
+    """Wrap ``model`` (a copy, in ``dtype``) in a metatomic ``AtomisticModel``."""
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"`dtype` is '{dtype}' but must be 'float32' or 'float64'")
+    model = _copy(model).to(dtype=getattr(torch, dtype), device="cpu").eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    metadata = ModelMetadata(
+        name=name,
+        description=description
+        or (
+            f"shallow ensemble of {model.num_members} heads on a SOAP-BPNN backbone "
+            f"(cutoff {model.backbone.cutoff} A), calibrated on validation data; "
+            "outputs energy, energy_uncertainty and energy_ensemble"
+        ),
+        authors=["shallow-ensemble"],
+        references=REFERENCES,
+    )
+    module = ExportedEnsemble(model).eval()
+    return AtomisticModel(module, metadata, capabilities(model, dtype))
+
+
+def _copy(model: EnsembleModel) -> EnsembleModel:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def export_model(
+    model: EnsembleModel,
+    path: str | Path,
+    dtype: str = "float64",
+    extensions_directory: str | Path | None = None,
+) -> Path:
+    """Export to ``path``; compiled extensions (sphericart) are collected next to it.
+
+    Engines load the file with ``extensions_directory`` pointing to the collected
+    folder (default ``<path stem>-extensions/``), or after importing
+    ``sphericart.torch``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if extensions_directory is None:
+        extensions_directory = path.parent / "extensions"
+    atomistic = to_atomistic_model(model, dtype=dtype)
+    atomistic.save(str(path), collect_extensions=str(extensions_directory))
+    return path

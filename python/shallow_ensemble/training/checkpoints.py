@@ -1,0 +1,94 @@
+"""Checkpoints: written atomically, readable without the training configuration."""
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..backbones import SoapBpnn
+from ..model import EnsembleModel
+
+
+FORMAT = "shallow-ensemble-checkpoint"
+VERSION = 1
+
+
+def model_hypers(model: EnsembleModel) -> dict[str, Any]:
+    """Everything needed to rebuild ``model`` before loading its state."""
+    backbone = model.backbone
+    if not isinstance(backbone, SoapBpnn):
+        raise TypeError(f"cannot checkpoint backbone {type(backbone).__name__}")
+    return {
+        "backbone": "soap_bpnn",
+        "backbone_hypers": dict(backbone.hypers),
+        "num_members": model.num_members,
+    }
+
+
+def build_model(hypers: dict[str, Any]) -> EnsembleModel:
+    """Build an (untrained) model from :py:func:`model_hypers`."""
+    if hypers.get("backbone") != "soap_bpnn":
+        raise ValueError(f"unknown backbone '{hypers.get('backbone')}' in checkpoint")
+    backbone = SoapBpnn(**hypers["backbone_hypers"])
+    return EnsembleModel(backbone, num_members=int(hypers["num_members"]))
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(
+    path: str | Path, model: EnsembleModel, extra: dict[str, Any] | None = None
+) -> None:
+    """Save a model (hypers, weights, calibration) and optional training state."""
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "hypers": model_hypers(model),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
+    payload.update(extra or {})
+    atomic_save(payload, path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint dictionary, with a clear error for other files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many types for corrupt files
+        raise ValueError(
+            f"'{path}' is not a readable checkpoint ({type(error).__name__}: {error})"
+        )
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(
+            f"'{path}' is not a shallow-ensemble checkpoint (exported .pt models are "
+            "read with metatomic.torch.load_atomistic_model)"
+        )
+    return payload
+
+
+def load_model(path: str | Path) -> EnsembleModel:
+    """Rebuild the model stored in a checkpoint (in its training dtype)."""
+    payload = read_checkpoint(path)
+    model = build_model(payload["hypers"])
+    model.head.set_members(
+        payload["state_dict"]["head.weight"], payload["state_dict"]["head.bias"]
+    )
+    model.load_state_dict(payload["state_dict"])
+    return model.to(getattr(torch, payload.get("dtype", "float64")))
