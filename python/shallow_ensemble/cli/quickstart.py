@@ -59,6 +59,7 @@ def run_md(model_path: Path, xyz: str, steps: int) -> None:
     uncertainty every 20 steps."""
     import ase.io
     from ase import units
+    from ase.constraints import FixCom
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
     from metatomic.torch import ModelOutput
@@ -73,7 +74,10 @@ def run_md(model_path: Path, xyz: str, steps: int) -> None:
     )
     atoms.calc = calc
     MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=_rng())
-    dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=300, friction=0.02, rng=_rng())
+    atoms.set_constraint(FixCom())
+    dyn = Langevin(
+        atoms, 0.5 * units.fs, temperature_K=300, friction=0.02, fixcm=False, rng=_rng()
+    )
     request = {
         "energy_uncertainty": ModelOutput(unit="eV", sample_kind="system"),
     }
@@ -83,6 +87,7 @@ def run_md(model_path: Path, xyz: str, steps: int) -> None:
     def report():
         sigma = calc.run_model(atoms, request)["energy_uncertainty"].block().values
         sigma_i = calc.run_model(atoms, per_atom)["energy_uncertainty"].block().values
+        sigma, sigma_i = sigma.detach(), sigma_i.detach()
         print(
             f"{dyn.nsteps:>6}{atoms.get_potential_energy():>16.4f}"
             f"{float(sigma):>15.4f}{float(sigma_i.max()):>14.4f}"

@@ -1,0 +1,35 @@
+"""Reading, validating, batching and splitting reference data.
+
+:func:`read_structures` turns an extended XYZ file into validated
+:class:`Structure` objects, :class:`GraphDataset` computes their neighbour lists once,
+:func:`iterate_batches` yields :class:`Batch` objects for training, and
+:func:`train_valid_test` makes reproducible random splits.
+"""
+
+from .collate import Batch, collate, iterate_batches
+from .dataset import Graph, GraphDataset, build_graph
+from .readers import (
+    DataError,
+    Structure,
+    atomic_types_of,
+    check_atomic_types,
+    read_structures,
+)
+from .splits import split_indices, train_valid_test
+
+
+__all__ = [
+    "Batch",
+    "DataError",
+    "Graph",
+    "GraphDataset",
+    "Structure",
+    "atomic_types_of",
+    "build_graph",
+    "check_atomic_types",
+    "collate",
+    "iterate_batches",
+    "read_structures",
+    "split_indices",
+    "train_valid_test",
+]

@@ -34,7 +34,7 @@ def run_model(
     model: AtomisticModel,
     frames: list[ase.Atoms],
     outputs: dict[str, str],
-    selected_atoms: Labels | None = None,
+    selected_atoms: "Labels | None" = None,
     positions_requires_grad: bool = False,
     check_consistency: bool = True,
 ):
@@ -47,7 +47,7 @@ def run_model(
     systems = systems_to_torch(
         frames, dtype=dtype, positions_requires_grad=positions_requires_grad
     )
-    for calculator in neighbor_lists_for_model("angstrom", model):
+    for calculator in neighbor_lists_for_model("angstrom", model, "angstrom"):
         calculator.add_neighbor_list(systems)
     options = ModelEvaluationOptions(
         length_unit="angstrom",

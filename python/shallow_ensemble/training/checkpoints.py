@@ -87,8 +87,10 @@ def load_model(path: str | Path) -> EnsembleModel:
     """Rebuild the model stored in a checkpoint (in its training dtype)."""
     payload = read_checkpoint(path)
     model = build_model(payload["hypers"])
+    # convert first: loading float64 weights into float32 parameters would round them
+    model = model.to(getattr(torch, payload.get("dtype", "float64")))
     model.head.set_members(
         payload["state_dict"]["head.weight"], payload["state_dict"]["head.bias"]
     )
     model.load_state_dict(payload["state_dict"])
-    return model.to(getattr(torch, payload.get("dtype", "float64")))
+    return model

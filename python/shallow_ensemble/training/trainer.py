@@ -100,7 +100,7 @@ def _validation_loss(model, strategy, dataset, batch_size, epoch, device, dtype)
     for batch in iterate_batches(dataset, batch_size, shuffle=False):
         batch = batch.to(device=device, dtype=dtype)
         result = strategy.loss(model, batch, epoch)
-        total += float(result.total) * batch.n_systems
+        total += float(result.total.detach()) * batch.n_systems
         weight += batch.n_systems
         for key, value in result.parts.items():
             parts[key] = parts.get(key, 0.0) + value * batch.n_systems
@@ -203,6 +203,7 @@ def train(
     strategy = get_strategy(t)
 
     types, datasets = _load_datasets(config)
+    outdir.mkdir(parents=True, exist_ok=True)
     train_set, valid_set = datasets["train"], datasets["valid"]
     torch.manual_seed(t.seed)
     generator = torch.Generator().manual_seed(t.seed)
@@ -258,7 +259,7 @@ def train(
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             optimizer.step()
-            train_loss += float(result.total) * batch.n_systems
+            train_loss += float(result.total.detach()) * batch.n_systems
             n_seen += batch.n_systems
         scheduler.step()
         epoch_seconds = time.perf_counter() - start

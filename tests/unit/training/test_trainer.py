@@ -1,0 +1,139 @@
+"""The training loop: every strategy end to end, checkpoints, resuming."""
+
+import csv
+import math
+
+import ase.io
+import pytest
+import torch
+from conftest import ETHANOL
+
+from shallow_ensemble.config import config_from_dict
+from shallow_ensemble.export import to_atomistic_model
+from shallow_ensemble.export.predict import run_model
+from shallow_ensemble.training import TrainingError, load_model, train
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    frames = ase.io.read(ETHANOL, ":")
+    ase.io.write(folder / "train.xyz", frames[:24])
+    ase.io.write(folder / "valid.xyz", frames[100:110])
+    return folder
+
+
+def make_config(folder, **training):
+    return config_from_dict(
+        {
+            "data": {"train": str(folder / "train.xyz"), "valid": str(folder / "valid.xyz")},
+            "model": {"num_members": 4, "cutoff": 3.5, "max_radial": 3, "max_angular": 2,
+                      "hidden_sizes": [16, 8]},
+            "training": {"epochs": 2, "warmup_epochs": 1, "batch_size": 6,
+                         "dtype": "float64", **training},
+        }
+    )
+
+
+@pytest.mark.parametrize("strategy", ["mse", "energy_nll", "energy_force_nll"])
+def test_each_strategy_trains_calibrates_and_exports(small_data, tmp_path, strategy):
+    config = make_config(small_data, strategy=strategy)
+    result = train(config, tmp_path, progress=False)
+    assert result.checkpoint.exists()
+    with open(tmp_path / "log.csv") as fd:
+        rows = list(csv.DictReader(fd))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(math.isfinite(float(r["valid_loss"])) for r in rows)
+
+    model = load_model(result.checkpoint)
+    expected_members = 1 if strategy == "mse" else 4
+    assert model.num_members == expected_members
+    for key, value in result.calibration.items():
+        assert math.isfinite(value) and value > 0
+        assert float(getattr(model, key)) == pytest.approx(value)
+    if strategy == "mse":
+        assert set(result.calibration.values()) == {1.0}
+    else:
+        assert result.calibration["alpha_energy"] != 1.0
+
+    frames = ase.io.read(small_data / "valid.xyz", ":3")
+    outputs = {"energy": "system", "energy_uncertainty": "atom", "energy_ensemble": "system"}
+    results, _ = run_model(to_atomistic_model(model), frames, outputs)
+    assert results["energy_ensemble"].block().values.shape == (3, expected_members)
+
+
+def test_training_improves_on_the_composition_baseline(small_data, tmp_path):
+    config = make_config(small_data, strategy="mse", epochs=8, learning_rate=0.01)
+    result = train(config, tmp_path, progress=False)
+    rmse = result.metrics["valid_uncalibrated"]["forces"]["rmse"]
+    frames = ase.io.read(small_data / "valid.xyz", ":")
+    zero_force_rmse = float(
+        torch.cat([torch.tensor(f.get_forces()) for f in frames]).pow(2).mean().sqrt()
+    )
+    assert rmse < 0.7 * zero_force_rmse
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_training_resumes_to_the_same_result(small_data, tmp_path):
+    config = make_config(small_data, strategy="energy_force_nll", epochs=4)
+    straight = train(config, tmp_path / "straight", progress=False)
+
+    def stop_after_second_epoch(epoch):
+        if epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(config, tmp_path / "resumed", progress=False,
+              on_epoch_end=stop_after_second_epoch)
+    assert not (tmp_path / "resumed" / "model.ckpt").exists()
+    with pytest.raises(TrainingError, match="--resume"):
+        train(config, tmp_path / "resumed", progress=False)
+    resumed = train(config, tmp_path / "resumed", resume=True, progress=False)
+
+    assert [r["train_loss"] for r in resumed.history] == [
+        r["train_loss"] for r in straight.history
+    ]
+    a = straight.model.state_dict()
+    b = resumed.model.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert resumed.calibration == straight.calibration
+
+
+def test_resume_refuses_a_different_configuration(small_data, tmp_path):
+    train(make_config(small_data, strategy="mse"), tmp_path, progress=False)
+    with pytest.raises(TrainingError, match="configuration differs"):
+        train(make_config(small_data, strategy="mse", epochs=3), tmp_path,
+              resume=True, progress=False)
+    with pytest.raises(TrainingError, match="does not exist"):
+        train(make_config(small_data), tmp_path / "new", resume=True, progress=False)
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    """A failure while writing leaves the previous checkpoint intact."""
+    from shallow_ensemble.training import checkpoints
+
+    path = tmp_path / "state.ckpt"
+    checkpoints.atomic_save({"a": 1}, path)
+
+    def broken_save(obj, f):
+        with open(f, "wb") as fd:
+            fd.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoints.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoints.atomic_save({"a": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.ckpt"]
+
+
+def test_unreadable_checkpoint_gives_a_clear_error(tmp_path):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_model(path)
