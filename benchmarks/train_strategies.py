@@ -17,7 +17,10 @@ from pathlib import Path
 
 import torch
 
-from shallow_ensemble.calibration.predictions import evaluate_predictions, predict_dataset
+from shallow_ensemble.calibration.predictions import (
+    evaluate_predictions,
+    predict_dataset,
+)
 from shallow_ensemble.config import config_from_dict
 from shallow_ensemble.data import GraphDataset
 from shallow_ensemble.training import train
@@ -26,7 +29,9 @@ from shallow_ensemble.training.trainer import load_structures
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", required=True, help="extended XYZ with energies/forces")
+    parser.add_argument(
+        "--data", required=True, help="extended XYZ with energies/forces"
+    )
     parser.add_argument("--strategies", default="mse,energy_nll,energy_force_nll")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--members", type=int, default=16)
@@ -46,12 +51,22 @@ def main() -> None:
     root = Path(args.output or tempfile.mkdtemp(prefix="strategies-"))
     for strategy in args.strategies.split(","):
         raw = {
-            "data": {"train": str(Path(args.data).resolve()), "valid": args.valid,
-                     "test": args.test},
-            "model": {"num_members": args.members, "cutoff": args.cutoff,
-                      "max_radial": args.max_radial, "max_angular": args.max_angular},
-            "training": {"strategy": strategy, "epochs": args.epochs,
-                         "batch_size": args.batch_size},
+            "data": {
+                "train": str(Path(args.data).resolve()),
+                "valid": args.valid,
+                "test": args.test,
+            },
+            "model": {
+                "num_members": args.members,
+                "cutoff": args.cutoff,
+                "max_radial": args.max_radial,
+                "max_angular": args.max_angular,
+            },
+            "training": {
+                "strategy": strategy,
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+            },
         }
         config = config_from_dict(raw)
         start = time.perf_counter()
@@ -75,11 +90,15 @@ def main() -> None:
         }
         print(f"done {strategy} in {total:.0f} s", flush=True)
 
-    header = (f"{'strategy':<18}{'s/epoch':>9}{'E RMSE':>9}{'F RMSE':>9}"
-              f"{'E RLL raw':>11}{'E RLL cal':>11}{'F RLL raw':>11}{'F RLL cal':>11}"
-              f"{'alpha_E':>9}{'alpha_F':>9}")
-    print(f"\n{args.data}: sizes {next(iter(results.values()))['sizes']}, "
-          f"M = {args.members}, {args.epochs} epochs, {args.threads} threads")
+    header = (
+        f"{'strategy':<18}{'s/epoch':>9}{'E RMSE':>9}{'F RMSE':>9}"
+        f"{'E RLL raw':>11}{'E RLL cal':>11}{'F RLL raw':>11}{'F RLL cal':>11}"
+        f"{'alpha_E':>9}{'alpha_F':>9}"
+    )
+    print(
+        f"\n{args.data}: sizes {next(iter(results.values()))['sizes']}, "
+        f"M = {args.members}, {args.epochs} epochs, {args.threads} threads"
+    )
     print(header)
     summary = []
     for name, r in results.items():
@@ -88,16 +107,19 @@ def main() -> None:
         def get(report, quantity, key):
             return report.get(quantity, {}).get(key, float("nan"))
 
-        print(f"{name:<18}{r['seconds_per_epoch']:>9.1f}"
-              f"{get(cal, 'energy', 'rmse'):>9.4f}{get(cal, 'forces', 'rmse'):>9.4f}"
-              f"{get(raw, 'energy', 'rll'):>11.1f}{get(cal, 'energy', 'rll'):>11.1f}"
-              f"{get(raw, 'forces', 'rll'):>11.1f}{get(cal, 'forces', 'rll'):>11.1f}"
-              f"{r['calibration']['alpha_energy']:>9.3f}"
-              f"{r['calibration']['alpha_forces']:>9.3f}")
+        print(
+            f"{name:<18}{r['seconds_per_epoch']:>9.1f}"
+            f"{get(cal, 'energy', 'rmse'):>9.4f}{get(cal, 'forces', 'rmse'):>9.4f}"
+            f"{get(raw, 'energy', 'rll'):>11.1f}{get(cal, 'energy', 'rll'):>11.1f}"
+            f"{get(raw, 'forces', 'rll'):>11.1f}{get(cal, 'forces', 'rll'):>11.1f}"
+            f"{r['calibration']['alpha_energy']:>9.3f}"
+            f"{r['calibration']['alpha_forces']:>9.3f}"
+        )
         summary.append(
             f"{name} E_rmse={get(cal, 'energy', 'rmse'):.4f} "
             f"F_rmse={get(cal, 'forces', 'rmse'):.4f} "
-            f"F_rll={get(cal, 'forces', 'rll'):.1f} s/epoch={r['seconds_per_epoch']:.1f}"
+            f"F_rll={get(cal, 'forces', 'rll'):.1f} "
+            f"s/epoch={r['seconds_per_epoch']:.1f}"
         )
     if args.json:
         with open(args.json, "w") as fd:

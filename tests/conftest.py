@@ -16,7 +16,12 @@ RESOURCES = resources.files("shallow_ensemble") / "resources"
 ETHANOL = str(RESOURCES / "ethanol.xyz")
 SILICON = str(RESOURCES / "silicon.xyz")
 
-SMALL_HYPERS = {"cutoff": 3.5, "max_radial": 4, "max_angular": 3, "hidden_sizes": [24, 16]}
+SMALL_HYPERS = {
+    "cutoff": 3.5,
+    "max_radial": 4,
+    "max_angular": 3,
+    "hidden_sizes": [24, 16],
+}
 
 
 def make_model(atomic_types, num_members=4, seed=0, **hypers) -> EnsembleModel:

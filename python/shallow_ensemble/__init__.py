@@ -16,4 +16,10 @@ try:
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0"
 
-__all__ = ["Backbone", "EnsembleModel", "ShallowEnsembleHead", "SoapBpnn", "__version__"]
+__all__ = [
+    "Backbone",
+    "EnsembleModel",
+    "ShallowEnsembleHead",
+    "SoapBpnn",
+    "__version__",
+]

@@ -111,7 +111,10 @@ _SECTIONS = {
 def _check_type(path: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a (possibly union) field annotation."""
     text = str(annotation).replace("typing.", "")
-    allowed = [part.strip() for part in text.replace("<class '", "").replace("'>", "").split("|")]
+    allowed = [
+        part.strip()
+        for part in text.replace("<class '", "").replace("'>", "").split("|")
+    ]
     if value is None:
         if "None" in allowed:
             return None
@@ -130,8 +133,14 @@ def _check_type(path: str, value: Any, annotation: Any) -> Any:
     if "list[int]" in allowed and isinstance(value, list):
         if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return list(value)
-    names = {"int": "an integer", "float": "a number", "str": "a string",
-             "bool": "true or false", "list[int]": "a list of integers", "None": "null"}
+    names = {
+        "int": "an integer",
+        "float": "a number",
+        "str": "a string",
+        "bool": "true or false",
+        "list[int]": "a list of integers",
+        "None": "null",
+    }
     expected = " or ".join(names.get(a, a) for a in allowed)
     raise ConfigError(f"`{path}` is {value!r} but must be {expected}")
 
@@ -203,8 +212,11 @@ def _validate(config: Config) -> None:
         (t.batch_size >= 1, "training.batch_size", "at least 1"),
         (t.learning_rate > 0, "training.learning_rate", "positive"),
         (t.dtype in ("float32", "float64"), "training.dtype", "float32 or float64"),
-        (t.lr_schedule in ("cosine", "constant"), "training.lr_schedule",
-         "cosine or constant"),
+        (
+            t.lr_schedule in ("cosine", "constant"),
+            "training.lr_schedule",
+            "cosine or constant",
+        ),
     ]
     for ok, key, rule in checks:
         if not ok:

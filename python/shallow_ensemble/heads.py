@@ -1,4 +1,4 @@
-"""Shallow-ensemble heads: ``n_members`` linear read-outs of shared per-atom features."""
+"""Shallow-ensemble heads: ``n_members`` linear read-outs of shared atom features."""
 
 import torch
 

@@ -52,12 +52,16 @@ class EnsembleModel(torch.nn.Module):
         """Index of each atomic number in :py:attr:`atomic_types`; errors if unknown."""
         n_lookup = self.type_to_index.shape[0]
         inside = (numbers >= 0) & (numbers < n_lookup)
-        species = self.type_to_index.index_select(0, torch.clamp(numbers, 0, n_lookup - 1))
+        species = self.type_to_index.index_select(
+            0, torch.clamp(numbers, 0, n_lookup - 1)
+        )
         unknown = (~inside) | (species < 0)
         if bool(unknown.any()):
             bad = int(numbers[unknown][0])
             raise ValueError(
-                "atomic type " + str(bad) + " is not one of the model's atomic types "
+                "atomic type "
+                + str(bad)
+                + " is not one of the model's atomic types "
                 + str(self.atomic_types)
             )
         return species
@@ -129,7 +133,11 @@ class EnsembleModel(torch.nn.Module):
                 cotangents = cotangents.mean(dim=0, keepdim=True)
             cotangents = cotangents.unsqueeze(1).expand(-1, atomic.shape[0], -1)
             pair_grads = self.backbone.vectors_vjp(
-                vectors, batch.centers, batch.neighbors, species, cotangents,
+                vectors,
+                batch.centers,
+                batch.neighbors,
+                species,
+                cotangents,
                 create_graph=create_graph,
             )
             member_forces = pair_forces_to_atoms(
@@ -176,7 +184,10 @@ class Prediction:
 
 
 def pair_forces_to_atoms(
-    pair_grads: torch.Tensor, centers: torch.Tensor, neighbors: torch.Tensor, n_atoms: int
+    pair_grads: torch.Tensor,
+    centers: torch.Tensor,
+    neighbors: torch.Tensor,
+    n_atoms: int,
 ) -> torch.Tensor:
     """Forces from energy gradients w.r.t. pair vectors :math:`R_{ij} = r_j - r_i`.
 

@@ -13,7 +13,7 @@ class Backbone(torch.nn.Module):
     the engine's neighbour list), so that both give identical numbers:
 
     - ``vectors``: pair vectors :math:`R_{ij} = r_j - r_i` (+ cell shift), shape
-      ``(n_pairs, 3)``, in angstrom. Full neighbour list: both ``(i, j)`` and ``(j, i)``;
+      ``(n_pairs, 3)``, in angstrom. Full neighbour list: ``(i, j)`` and ``(j, i)``;
     - ``centers`` and ``neighbors``: atom indices of each pair, shape ``(n_pairs,)``;
     - ``species``: index of each atom's type in :py:attr:`atomic_types`, shape
       ``(n_atoms,)``.

@@ -106,7 +106,10 @@ class SoapBpnn(Backbone):
 
         self.feature_size = int(hidden_sizes[-1])
         self.mlps = torch.nn.ModuleList(
-            [self._make_mlp(self.descriptor_size, hidden_sizes) for _ in self.atomic_types]
+            [
+                self._make_mlp(self.descriptor_size, hidden_sizes)
+                for _ in self.atomic_types
+            ]
         )
 
     @staticmethod
@@ -297,7 +300,7 @@ class SoapBpnn(Backbone):
             rad = radial[:, q0 : q0 + n_l]
             drad = dradial[:, q0 : q0 + n_l]
             # d/dR [R_n(r) Y_m(R)] = R_n'(r) Y_m r_hat + R_n dY_m/dR
-            block = (unit[:, :, None, None] * (y[:, :, None] * drad[:, None, :])[:, None])
+            block = unit[:, :, None, None] * (y[:, :, None] * drad[:, None, :])[:, None]
             block = block + dy[:, :, :, None] * rad[:, None, None, :]
             blocks.append(block.reshape(r.shape[0], 3, m * n_l))
             q0 += n_l

@@ -33,7 +33,9 @@ class EnsemblePredictions:
     def num_members(self) -> int:
         return self.energies.shape[1]
 
-    def calibrated(self, alpha_energy: float, alpha_forces: float) -> "EnsemblePredictions":
+    def calibrated(
+        self, alpha_energy: float, alpha_forces: float
+    ) -> "EnsemblePredictions":
         """Members stretched around their mean by the calibration factors."""
         return EnsemblePredictions(
             energies=stretch_members(self.energies, alpha_energy, dim=1),
@@ -56,7 +58,13 @@ def predict_dataset(
 
     parameter = next(model.parameters())
     energies, refs, n_atoms, atomic, member_forces, forces_ref, system_index = (
-        [], [], [], [], [], [], []
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
     )
     offset = 0
     for batch in iterate_batches(dataset, batch_size, shuffle=False):
@@ -83,7 +91,8 @@ def predict_dataset(
         n_atoms=torch.cat(n_atoms),
         atomic=torch.cat(atomic),
         forces=torch.cat(member_forces, dim=1) if forces else None,
-        forces_ref=torch.cat(forces_ref) if forces and len(forces_ref) == n_batches
+        forces_ref=torch.cat(forces_ref)
+        if forces and len(forces_ref) == n_batches
         else None,
         system_index=torch.cat(system_index),
     )
@@ -119,7 +128,9 @@ def fit_calibration(predictions: EnsemblePredictions) -> dict[str, float]:
         0, predictions.system_index, atom_std**2
     )
     err2 = (predictions.energy_ref - mean) ** 2
-    alphas["alpha_atom"] = float(torch.sqrt((err2 / summed_var.clamp(min=1e-30)).mean()))
+    alphas["alpha_atom"] = float(
+        torch.sqrt((err2 / summed_var.clamp(min=1e-30)).mean())
+    )
     return alphas
 
 
@@ -130,7 +141,9 @@ def _summary(y_true, mean, std) -> dict[str, float]:
     return {"rmse": rmse(y_true, mean), "mae": mae(y_true, mean), "n": y_true.numel()}
 
 
-def evaluate_predictions(predictions: EnsemblePredictions) -> dict[str, dict[str, float]]:
+def evaluate_predictions(
+    predictions: EnsemblePredictions,
+) -> dict[str, dict[str, float]]:
     """Accuracy and calibration metrics (energies per structure, force components)."""
     summary = _summary
     report = {}

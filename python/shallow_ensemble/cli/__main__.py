@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         "interatomic potentials with calibrated uncertainties.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name, module in COMMANDS.items():
+    for module in COMMANDS.values():
         module.add_parser(subparsers)
     return parser
 

@@ -15,17 +15,22 @@ def add_parser(subparsers) -> None:
         "extended XYZ file: RMSE, MAE, NLL, RLL, miscalibration area and alpha for "
         "energies (per structure) and force components, with optional plots.",
     )
-    parser.add_argument("model", help="model.ckpt from `train` or model.pt from `export`")
+    parser.add_argument(
+        "model", help="model.ckpt from `train` or model.pt from `export`"
+    )
     parser.add_argument("data", help="extended XYZ file with reference energies/forces")
     parser.add_argument("--json", help="write the metrics to this JSON file")
     parser.add_argument("--plots", help="write parity/calibration PNGs to this folder")
     parser.add_argument("--energy-key", default="energy", help="energy key in the file")
     parser.add_argument("--forces-key", default="forces", help="forces key in the file")
     parser.add_argument("--no-forces", action="store_true", help="skip forces")
-    parser.add_argument("--batch-size", type=int, default=8, help="structures per batch")
     parser.add_argument(
-        "--extensions", help="extensions folder of an exported model (default: "
-        "'extensions' next to it)"
+        "--batch-size", type=int, default=8, help="structures per batch"
+    )
+    parser.add_argument(
+        "--extensions",
+        help="extensions folder of an exported model (default: "
+        "'extensions' next to it)",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -90,9 +95,14 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as fd:
             json.dump(
-                {"model": str(args.model), "data": str(args.data),
-                 "n_structures": len(structures), **report},
-                fd, indent=2,
+                {
+                    "model": str(args.model),
+                    "data": str(args.data),
+                    "n_structures": len(structures),
+                    **report,
+                },
+                fd,
+                indent=2,
             )
         print(f"wrote {args.json}")
     if args.plots:
@@ -112,11 +122,19 @@ def write_plots(predictions, folder: str) -> None:
     e_std = predictions.energies.std(dim=1)
     if predictions.energy_ref is not None:
         save_report(
-            str(folder_path / "energy.png"), "energy", predictions.energy_ref,
-            e_mean, e_std, "eV",
+            str(folder_path / "energy.png"),
+            "energy",
+            predictions.energy_ref,
+            e_mean,
+            e_std,
+            "eV",
         )
     if predictions.forces is not None and predictions.forces_ref is not None:
         save_report(
-            str(folder_path / "forces.png"), "forces", predictions.forces_ref,
-            predictions.forces.mean(dim=0), predictions.forces.std(dim=0), "eV/Å",
+            str(folder_path / "forces.png"),
+            "forces",
+            predictions.forces_ref,
+            predictions.forces.mean(dim=0),
+            predictions.forces.std(dim=0),
+            "eV/Å",
         )

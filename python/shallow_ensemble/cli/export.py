@@ -15,7 +15,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("checkpoint", help="model.ckpt written by `train`")
     parser.add_argument("-o", "--output", default="model.pt", help="exported file")
     parser.add_argument(
-        "--dtype", default="float64", choices=["float64", "float32"],
+        "--dtype",
+        default="float64",
+        choices=["float64", "float32"],
         help="precision of the exported model (default float64)",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -19,10 +19,16 @@ def add_parser(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-o", "--output", default="quickstart-run", help="output folder")
+    parser.add_argument(
+        "-o", "--output", default="quickstart-run", help="output folder"
+    )
     parser.add_argument("--steps", type=int, default=200, help="MD steps")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a value of the quickstart configuration",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -40,10 +46,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"== 1. training on {config.data.train} ({config.training.strategy}) ==")
     result = train(config, out, overwrite=True)
     print(f"trained {len(result.history)} epochs in {result.train_seconds:.1f} s")
-    print("calibration: " + ", ".join(f"{k} = {v:.3f}" for k, v in result.calibration.items()))
+    print(
+        "calibration: "
+        + ", ".join(f"{k} = {v:.3f}" for k, v in result.calibration.items())
+    )
     for name in ("valid_uncalibrated", "valid_calibrated", "test"):
         if name in result.metrics:
-            print(format_metrics(result.metrics[name], title=f"\n{name.replace('_', ' ')}:"))
+            print(
+                format_metrics(
+                    result.metrics[name], title=f"\n{name.replace('_', ' ')}:"
+                )
+            )
 
     print("\n== 2. export ==")
     model_path = export_model(result.model, out / "model.pt")
@@ -82,7 +95,10 @@ def run_md(model_path: Path, xyz: str, steps: int) -> None:
         "energy_uncertainty": ModelOutput(unit="eV", sample_kind="system"),
     }
     per_atom = {"energy_uncertainty": ModelOutput(unit="eV", sample_kind="atom")}
-    print(f"{'step':>6}{'E_pot [eV]':>16}{'sigma_E [eV]':>15}{'max sigma_i':>14}{'T [K]':>9}")
+    print(
+        f"{'step':>6}{'E_pot [eV]':>16}{'sigma_E [eV]':>15}"
+        f"{'max sigma_i':>14}{'T [K]':>9}"
+    )
 
     def report():
         sigma = calc.run_model(atoms, request)["energy_uncertainty"].block().values

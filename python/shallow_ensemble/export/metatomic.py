@@ -95,7 +95,9 @@ class ExportedEnsemble(torch.nn.Module):
         sys_idx = torch.cat(system_index)
         atom_idx = torch.cat(atom_index)
         atomic = self.model(
-            torch.cat(vectors), torch.cat(centers), torch.cat(neighbors),
+            torch.cat(vectors),
+            torch.cat(centers),
+            torch.cat(neighbors),
             torch.cat(species),
         )
         ensemble, atom_std = self.model.calibrated_atomic_energies(atomic)
@@ -122,15 +124,20 @@ class ExportedEnsemble(torch.nn.Module):
                 values = atom_std.unsqueeze(-1)
             if per_atom:
                 samples = Labels(
-                    ["system", "atom"], torch.stack([sys_idx, atom_idx], dim=1).to(torch.int32)
+                    ["system", "atom"],
+                    torch.stack([sys_idx, atom_idx], dim=1).to(torch.int32),
                 )
             else:
                 if name == "energy_uncertainty":
                     summed = torch.zeros(
-                        (n_systems, ensemble.shape[1]), dtype=ensemble.dtype, device=device
+                        (n_systems, ensemble.shape[1]),
+                        dtype=ensemble.dtype,
+                        device=device,
                     ).index_add(0, sys_idx, ensemble)
-                    values = summed.std(dim=1, keepdim=True) if summed.shape[1] > 1 else (
-                        torch.zeros_like(summed[:, :1])
+                    values = (
+                        summed.std(dim=1, keepdim=True)
+                        if summed.shape[1] > 1
+                        else (torch.zeros_like(summed[:, :1]))
                     )
                 else:
                     values = torch.zeros(
@@ -138,7 +145,9 @@ class ExportedEnsemble(torch.nn.Module):
                     ).index_add(0, sys_idx, values)
                 samples = Labels(
                     ["system"],
-                    torch.arange(n_systems, dtype=torch.int32, device=device).reshape(-1, 1),
+                    torch.arange(n_systems, dtype=torch.int32, device=device).reshape(
+                        -1, 1
+                    ),
                 )
             n_props = values.shape[1]
             properties = Labels(

@@ -1,6 +1,7 @@
 """Run an exported (or in-memory) metatomic model on ASE structures from Python."""
 
 from pathlib import Path
+from typing import Optional
 
 import ase
 import torch
@@ -26,7 +27,9 @@ def load_exported(path: str | Path, extensions_directory: str | Path | None = No
         extensions_directory = path.parent / "extensions"
     return load_atomistic_model(
         str(path),
-        extensions_directory=None if extensions_directory is None else str(extensions_directory),
+        extensions_directory=None
+        if extensions_directory is None
+        else str(extensions_directory),
     )
 
 
@@ -34,7 +37,7 @@ def run_model(
     model: AtomisticModel,
     frames: list[ase.Atoms],
     outputs: dict[str, str],
-    selected_atoms: "Labels | None" = None,
+    selected_atoms: Optional[Labels] = None,
     positions_requires_grad: bool = False,
     check_consistency: bool = True,
 ):
@@ -52,7 +55,8 @@ def run_model(
     options = ModelEvaluationOptions(
         length_unit="angstrom",
         outputs={
-            name: ModelOutput(unit="eV", sample_kind=kind) for name, kind in outputs.items()
+            name: ModelOutput(unit="eV", sample_kind=kind)
+            for name, kind in outputs.items()
         },
         selected_atoms=selected_atoms,
     )

@@ -55,7 +55,13 @@ class Strategy:
         e_loss = losses.mse(energy, batch.energy / batch.n_atoms)
         f_loss = losses.mse(prediction.forces.mean(dim=0), batch.forces)
         total = c.energy_weight * e_loss + c.forces_weight * f_loss
-        return LossParts(total, {"energy_mse": float(e_loss.detach()), "forces_mse": float(f_loss.detach())})
+        return LossParts(
+            total,
+            {
+                "energy_mse": float(e_loss.detach()),
+                "forces_mse": float(f_loss.detach()),
+            },
+        )
 
     def _loss(self, prediction, batch) -> LossParts:
         return self._mse(prediction, batch)
@@ -86,7 +92,13 @@ class EnergyNllStrategy(Strategy):
         e_loss = energy_loss(prediction.energies, batch.energy, batch.n_atoms)
         f_loss = losses.mse(prediction.forces.mean(dim=0), batch.forces)
         total = c.energy_weight * e_loss + c.forces_weight * f_loss
-        return LossParts(total, {"energy_nll": float(e_loss.detach()), "forces_mse": float(f_loss.detach())})
+        return LossParts(
+            total,
+            {
+                "energy_nll": float(e_loss.detach()),
+                "forces_mse": float(f_loss.detach()),
+            },
+        )
 
 
 class EnergyForceNllStrategy(Strategy):
@@ -105,7 +117,13 @@ class EnergyForceNllStrategy(Strategy):
         e_loss = energy_loss(prediction.energies, batch.energy, batch.n_atoms)
         f_loss = force_loss(prediction.forces, batch.forces)
         total = c.energy_weight * e_loss + c.forces_weight * f_loss
-        return LossParts(total, {"energy_nll": float(e_loss.detach()), "forces_nll": float(f_loss.detach())})
+        return LossParts(
+            total,
+            {
+                "energy_nll": float(e_loss.detach()),
+                "forces_nll": float(f_loss.detach()),
+            },
+        )
 
 
 STRATEGIES: dict[str, type[Strategy]] = {

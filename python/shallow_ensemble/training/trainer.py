@@ -134,7 +134,10 @@ def load_structures(config: Config) -> dict[str, list]:
         if isinstance(value, float)
     }
     if fractions:
-        if not all(0 < f < 1 for f in fractions.values()) or sum(fractions.values()) >= 1:
+        if (
+            not all(0 < f < 1 for f in fractions.values())
+            or sum(fractions.values()) >= 1
+        ):
             raise TrainingError(
                 f"fractions {fractions} of `data.train` must be in (0, 1) and sum to "
                 "less than 1"
@@ -162,7 +165,9 @@ def _load_datasets(config: Config):
     sets = load_structures(config)
     types = atomic_types_of(sets["train"])
     cutoff = config.model.cutoff
-    datasets = {name: GraphDataset(structures, cutoff) for name, structures in sets.items()}
+    datasets = {
+        name: GraphDataset(structures, cutoff) for name, structures in sets.items()
+    }
     return types, datasets
 
 
@@ -212,7 +217,8 @@ def train(
         state = read_checkpoint(state_path)
         if state.get("config") != config.to_dict():
             raise TrainingError(
-                f"cannot resume: the configuration differs from the one in '{state_path}'"
+                "cannot resume: the configuration differs from the one in "
+                f"'{state_path}'"
             )
         model = load_model(state_path)
         generator.set_state(state["generator"])
@@ -239,8 +245,12 @@ def train(
 
     best_path = outdir / "best.ckpt"
     epochs = tqdm(
-        range(start_epoch, t.epochs), desc=f"train {strategy.name}", unit="epoch",
-        disable=not progress, initial=start_epoch, total=t.epochs,
+        range(start_epoch, t.epochs),
+        desc=f"train {strategy.name}",
+        unit="epoch",
+        disable=not progress,
+        initial=start_epoch,
+        total=t.epochs,
     )
     for epoch in epochs:
         start = time.perf_counter()

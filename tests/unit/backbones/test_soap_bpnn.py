@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from conftest import graph_of, make_model
 from scipy.spatial.transform import Rotation
 
+from conftest import graph_of, make_model
 from shallow_ensemble.model import pair_forces_to_atoms
 
 
@@ -23,7 +23,9 @@ def water_like():
     rng = np.random.default_rng(1)
     positions = rng.uniform(0, 6.0, size=(18, 3))
     numbers = np.array([8, 1, 1] * 6)
-    return ase.Atoms(numbers=numbers, positions=positions, cell=np.eye(3) * 6.0, pbc=True)
+    return ase.Atoms(
+        numbers=numbers, positions=positions, cell=np.eye(3) * 6.0, pbc=True
+    )
 
 
 def test_rotation_translation_invariance(water_like):
@@ -36,8 +38,9 @@ def test_rotation_translation_invariance(water_like):
     moved = atoms.copy()
     moved.positions = atoms.positions @ rotation.T + np.array([0.3, -2.0, 1.5])
     moved.cell = atoms.cell.array @ rotation.T
-    rotated = member_energies(model, *graph_of(moved, model.backbone.cutoff)[:4],
-                              graph[4])
+    rotated = member_energies(
+        model, *graph_of(moved, model.backbone.cutoff)[:4], graph[4]
+    )
     torch.testing.assert_close(rotated, reference, rtol=1e-10, atol=1e-10)
 
 
@@ -75,11 +78,15 @@ def test_smooth_at_cutoff():
 def test_member_forces_match_finite_differences(ethanol_frames, frame):
     model = make_model([1, 6, 8], num_members=3)
     atoms = ethanol_frames[frame]
-    positions, centers, neighbors, shifts, numbers = graph_of(atoms, model.backbone.cutoff)
+    positions, centers, neighbors, shifts, numbers = graph_of(
+        atoms, model.backbone.cutoff
+    )
     vectors = positions[neighbors] - positions[centers] + shifts
     species = model.species_index(numbers)
     cotangents = model.head.member_cotangents().unsqueeze(1).expand(-1, len(atoms), -1)
-    pair_grads = model.backbone.vectors_vjp(vectors, centers, neighbors, species, cotangents)
+    pair_grads = model.backbone.vectors_vjp(
+        vectors, centers, neighbors, species, cotangents
+    )
     forces = pair_forces_to_atoms(pair_grads, centers, neighbors, len(atoms))
 
     delta = 1e-5
@@ -91,7 +98,9 @@ def test_member_forces_match_finite_differences(ethanol_frames, frame):
             e_plus = member_energies(model, plus, centers, neighbors, shifts, numbers)
             e_minus = member_energies(model, minus, centers, neighbors, shifts, numbers)
             numeric = -(e_plus - e_minus) / (2 * delta)
-            torch.testing.assert_close(forces[:, atom, xyz], numeric, rtol=1e-6, atol=1e-8)
+            torch.testing.assert_close(
+                forces[:, atom, xyz], numeric, rtol=1e-6, atol=1e-8
+            )
 
 
 def test_batched_member_forces_equal_loop(silicon_frames):
@@ -110,7 +119,9 @@ def test_batched_member_forces_equal_loop(silicon_frames):
     vectors = (positions[neighbors] - positions[centers] + shifts).detach()
     species = model.species_index(numbers)
     cotangents = model.head.member_cotangents().unsqueeze(1).expand(-1, len(atoms), -1)
-    pair_grads = model.backbone.vectors_vjp(vectors, centers, neighbors, species, cotangents)
+    pair_grads = model.backbone.vectors_vjp(
+        vectors, centers, neighbors, species, cotangents
+    )
     batched = pair_forces_to_atoms(pair_grads, centers, neighbors, len(atoms))
     torch.testing.assert_close(batched, loop, rtol=1e-10, atol=1e-12)
 
@@ -144,8 +155,9 @@ def test_force_loss_parameter_gradients_match_double_backward(ethanol_frames):
         vectors, centers, neighbors, species, cotangents, create_graph=True
     )
     batched = pair_forces_to_atoms(pair_grads, centers, neighbors, len(atoms))
-    result = torch.autograd.grad(((batched - target) ** 2).sum(), parameters,
-                                 allow_unused=True)
+    result = torch.autograd.grad(
+        ((batched - target) ** 2).sum(), parameters, allow_unused=True
+    )
     n_used = 0
     for ref, res in zip(reference, result, strict=True):
         # the head biases do not change forces: unused on both routes
@@ -167,7 +179,8 @@ def test_scripted_backbone_matches_eager(ethanol_frames):
     torch.testing.assert_close(
         scripted(vectors, centers, neighbors, species),
         model(vectors, centers, neighbors, species),
-        rtol=0, atol=0,
+        rtol=0,
+        atol=0,
     )
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import graph_of, make_model
 from metatensor.torch import Labels
 
+from conftest import graph_of, make_model
 from shallow_ensemble.export import export_model, to_atomistic_model
 from shallow_ensemble.export.predict import load_exported, predict_frames, run_model
 
@@ -29,12 +29,18 @@ def exported(calibrated_model, tmp_path_factory):
 
 def direct_members(model, atoms):
     """Uncalibrated per-atom member energies straight from the eager model."""
-    positions, centers, neighbors, shifts, numbers = graph_of(atoms, model.backbone.cutoff)
+    positions, centers, neighbors, shifts, numbers = graph_of(
+        atoms, model.backbone.cutoff
+    )
     vectors = positions[neighbors] - positions[centers] + shifts
     return model(vectors, centers, neighbors, model.species_index(numbers)).detach()
 
 
-ALL_OUTPUTS = {"energy": "system", "energy_ensemble": "system", "energy_uncertainty": "system"}
+ALL_OUTPUTS = {
+    "energy": "system",
+    "energy_ensemble": "system",
+    "energy_uncertainty": "system",
+}
 
 
 def test_outputs_are_calibrated_members(calibrated_model, ethanol_frames):
@@ -72,20 +78,27 @@ def test_member_forces_are_stretched_by_alpha_forces(calibrated_model, ethanol_f
     # the same forces without calibration, from the uncalibrated model
     raw_model = make_model([1, 6, 8], num_members=5)
     raw, raw_systems = run_model(
-        to_atomistic_model(raw_model), [atoms], {"energy_ensemble": "system"},
+        to_atomistic_model(raw_model),
+        [atoms],
+        {"energy_ensemble": "system"},
         positions_requires_grad=True,
     )
     raw_positions = raw_systems[0].positions
     raw_forces = torch.stack(
-        [-torch.autograd.grad(e, raw_positions, retain_graph=True)[0]
-         for e in raw["energy_ensemble"].block().values[0]]
+        [
+            -torch.autograd.grad(e, raw_positions, retain_graph=True)[0]
+            for e in raw["energy_ensemble"].block().values[0]
+        ]
     )
     mean = raw_forces.mean(dim=0)
-    torch.testing.assert_close(forces, mean + ALPHAS["alpha_forces"] * (raw_forces - mean))
+    torch.testing.assert_close(
+        forces, mean + ALPHAS["alpha_forces"] * (raw_forces - mean)
+    )
 
 
-def test_eager_scripted_reloaded_agree(calibrated_model, exported, silicon_frames,
-                                       ethanol_frames):
+def test_eager_scripted_reloaded_agree(
+    calibrated_model, exported, silicon_frames, ethanol_frames
+):
     eager = to_atomistic_model(calibrated_model)
     scripted = torch.jit.script(eager)
     reloaded = load_exported(exported)
@@ -97,8 +110,10 @@ def test_eager_scripted_reloaded_agree(calibrated_model, exported, silicon_frame
             results, _ = run_model(other, frames, outputs)
             for name in outputs:
                 torch.testing.assert_close(
-                    results[name].block().values, reference[name].block().values,
-                    rtol=1e-12, atol=1e-12,
+                    results[name].block().values,
+                    reference[name].block().values,
+                    rtol=1e-12,
+                    atol=1e-12,
                 )
                 assert results[name].block().samples == reference[name].block().samples
 
@@ -112,8 +127,10 @@ def test_selected_atoms_sum_to_whole_system(exported, calibrated_model):
 
     rng = np.random.default_rng(3)
     atoms = ase.Atoms(
-        numbers=[8, 1, 1, 6] * 4, positions=rng.uniform(0, 5.0, (16, 3)),
-        cell=np.eye(3) * 5.0, pbc=True,
+        numbers=[8, 1, 1, 6] * 4,
+        positions=rng.uniform(0, 5.0, (16, 3)),
+        cell=np.eye(3) * 5.0,
+        pbc=True,
     )
     whole, _ = run_model(model, [atoms], {"energy_ensemble": "system"})
     per_atom_all, _ = run_model(model, [atoms], {"energy_ensemble": "atom"})
@@ -125,10 +142,12 @@ def test_selected_atoms_sum_to_whole_system(exported, calibrated_model):
             ["system", "atom"],
             torch.tensor([[0, a] for a in selection], dtype=torch.int32),
         )
-        part, _ = run_model(model, [atoms], {"energy_ensemble": "system"},
-                            selected_atoms=labels)
-        per_atom, _ = run_model(model, [atoms], {"energy_ensemble": "atom"},
-                                selected_atoms=labels)
+        part, _ = run_model(
+            model, [atoms], {"energy_ensemble": "system"}, selected_atoms=labels
+        )
+        per_atom, _ = run_model(
+            model, [atoms], {"energy_ensemble": "atom"}, selected_atoms=labels
+        )
         block = per_atom["energy_ensemble"].block()
         assert block.samples.values[:, 1].tolist() == selection
         torch.testing.assert_close(
@@ -146,7 +165,8 @@ def test_per_atom_uncertainty_with_per_system_ensemble(exported, ethanol_frames)
     model = load_exported(exported)
     frames = [ethanol_frames[5], ethanol_frames[6]]
     together, _ = run_model(
-        model, frames,
+        model,
+        frames,
         {"energy_uncertainty": "atom", "energy_ensemble": "system", "energy": "system"},
     )
     alone_ens, _ = run_model(model, frames, {"energy_ensemble": "system"})
@@ -163,8 +183,9 @@ def test_per_atom_uncertainty_with_per_system_ensemble(exported, ethanol_frames)
     assert together["energy_uncertainty"].block().values.shape == (18, 1)
 
 
-def test_predict_frames_matches_checkpoint_route(calibrated_model, exported,
-                                                 ethanol_frames):
+def test_predict_frames_matches_checkpoint_route(
+    calibrated_model, exported, ethanol_frames
+):
     model = load_exported(exported)
     frames = ethanol_frames[:3]
     predictions = predict_frames(model, frames)
@@ -177,10 +198,18 @@ def test_predict_frames_matches_checkpoint_route(calibrated_model, exported,
     assert predictions.forces.shape == (5, 27, 3)
 
 
-def test_unknown_output_and_element_are_rejected(exported, silicon_frames, ethanol_frames):
+def test_unknown_output_and_element_are_rejected(
+    exported, silicon_frames, ethanol_frames
+):
     model = load_exported(exported)
     with pytest.raises(Exception, match="non_conservative_forces|can not compute"):
-        run_model(model, [ethanol_frames[0]], {"non_conservative_forces": "atom"},
-                  check_consistency=False)
+        run_model(
+            model,
+            [ethanol_frames[0]],
+            {"non_conservative_forces": "atom"},
+            check_consistency=False,
+        )
     with pytest.raises(Exception, match="14|atomic type"):
-        run_model(model, [silicon_frames[0]], {"energy": "system"}, check_consistency=False)
+        run_model(
+            model, [silicon_frames[0]], {"energy": "system"}, check_consistency=False
+        )

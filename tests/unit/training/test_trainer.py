@@ -6,8 +6,8 @@ import math
 import ase.io
 import pytest
 import torch
-from conftest import ETHANOL
 
+from conftest import ETHANOL
 from shallow_ensemble.config import config_from_dict
 from shallow_ensemble.export import to_atomistic_model
 from shallow_ensemble.export.predict import run_model
@@ -26,11 +26,24 @@ def small_data(tmp_path_factory):
 def make_config(folder, **training):
     return config_from_dict(
         {
-            "data": {"train": str(folder / "train.xyz"), "valid": str(folder / "valid.xyz")},
-            "model": {"num_members": 4, "cutoff": 3.5, "max_radial": 3, "max_angular": 2,
-                      "hidden_sizes": [16, 8]},
-            "training": {"epochs": 2, "warmup_epochs": 1, "batch_size": 6,
-                         "dtype": "float64", **training},
+            "data": {
+                "train": str(folder / "train.xyz"),
+                "valid": str(folder / "valid.xyz"),
+            },
+            "model": {
+                "num_members": 4,
+                "cutoff": 3.5,
+                "max_radial": 3,
+                "max_angular": 2,
+                "hidden_sizes": [16, 8],
+            },
+            "training": {
+                "epochs": 2,
+                "warmup_epochs": 1,
+                "batch_size": 6,
+                "dtype": "float64",
+                **training,
+            },
         }
     )
 
@@ -57,7 +70,11 @@ def test_each_strategy_trains_calibrates_and_exports(small_data, tmp_path, strat
         assert result.calibration["alpha_energy"] != 1.0
 
     frames = ase.io.read(small_data / "valid.xyz", ":3")
-    outputs = {"energy": "system", "energy_uncertainty": "atom", "energy_ensemble": "system"}
+    outputs = {
+        "energy": "system",
+        "energy_uncertainty": "atom",
+        "energy_ensemble": "system",
+    }
     results, _ = run_model(to_atomistic_model(model), frames, outputs)
     assert results["energy_ensemble"].block().values.shape == (3, expected_members)
 
@@ -86,8 +103,12 @@ def test_interrupted_training_resumes_to_the_same_result(small_data, tmp_path):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train(config, tmp_path / "resumed", progress=False,
-              on_epoch_end=stop_after_second_epoch)
+        train(
+            config,
+            tmp_path / "resumed",
+            progress=False,
+            on_epoch_end=stop_after_second_epoch,
+        )
     assert not (tmp_path / "resumed" / "model.ckpt").exists()
     with pytest.raises(TrainingError, match="--resume"):
         train(config, tmp_path / "resumed", progress=False)
@@ -106,8 +127,12 @@ def test_interrupted_training_resumes_to_the_same_result(small_data, tmp_path):
 def test_resume_refuses_a_different_configuration(small_data, tmp_path):
     train(make_config(small_data, strategy="mse"), tmp_path, progress=False)
     with pytest.raises(TrainingError, match="configuration differs"):
-        train(make_config(small_data, strategy="mse", epochs=3), tmp_path,
-              resume=True, progress=False)
+        train(
+            make_config(small_data, strategy="mse", epochs=3),
+            tmp_path,
+            resume=True,
+            progress=False,
+        )
     with pytest.raises(TrainingError, match="does not exist"):
         train(make_config(small_data), tmp_path / "new", resume=True, progress=False)
 
