@@ -24,7 +24,7 @@ from shallow_ensemble.calibration.predictions import (
 from shallow_ensemble.config import config_from_dict
 from shallow_ensemble.data import GraphDataset
 from shallow_ensemble.training import train
-from shallow_ensemble.training.trainer import load_structures
+from shallow_ensemble.training.datasets import load_structures
 
 
 def main() -> None:

@@ -44,7 +44,8 @@ class ModelConfig:
 @dataclass(frozen=True, kw_only=True)
 class TrainingConfig:
     strategy: str = "energy_force_nll"
-    """``mse``, ``energy_nll`` or ``energy_force_nll`` (see the user guide)."""
+    """``mse``, ``energy_nll``, ``energy_force_nll``, ``laplace``, ``random_heads``,
+    ``deep_ensemble``, ``finetune`` or ``protocol`` (see docs/strategies.md)."""
     epochs: int = 100
     """Number of passes over the training set."""
     warmup_epochs: int | None = None
@@ -69,6 +70,18 @@ class TrainingConfig:
     """Probabilistic forces loss (``energy_force_nll`` only):
     ``gaussian_nll_ensemble``, ``gaussian_nll_full_ensemble`` (3x3 per atom) or
     ``gaussian_crps_ensemble``."""
+    init_from: str | None = None
+    """Checkpoint to start from: the trained model that ``laplace``,
+    ``random_heads`` and ``finetune`` build on (relative to the config file)."""
+    heads_learning_rate: float | None = None
+    """Learning rate of the heads (default: ``learning_rate``)."""
+    finetune_target: str = "full"
+    """``finetune``: train the ``full`` model (recommended) or the ``heads`` only."""
+    pin_mean: bool = False
+    """``finetune``: keep the mean of the heads fixed while the members spread."""
+    random_heads_std: float = 0.5
+    """``random_heads``: spread of the heads around the trained one, relative to the
+    root mean square of its weights."""
     grad_clip: float = 10.0
     """Clip the gradient norm to this value (0 disables)."""
     seed: int = 0
@@ -77,6 +90,27 @@ class TrainingConfig:
     """``float32`` or ``float64``."""
     device: str = "cpu"
     """``cpu`` or ``cuda`` (or ``cuda:N``)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaplaceConfig:
+    regularizer: str | float = "fit"
+    """``auto`` (smallest value keeping C + rI positive definite), ``fit`` (minimise
+    the validation NLL together with alpha) or a number."""
+    features: str = "structure"
+    """Covariance of ``structure`` features (per-atom averages, matching per-atom
+    energy losses) or of ``atom`` features (raw per-atom features)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProtocolConfig:
+    first: str = "mse"
+    """First stage of ``strategy: protocol``: ``mse`` (then Laplace sampling) or
+    ``energy_nll``; it runs for ``training.epochs``."""
+    finetune_epochs: int = 10
+    """Epochs of the final full-model fine-tune with the energy + force NLL."""
+    finetune_learning_rate: float = 1e-3
+    """Learning rate of the fine-tune."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,6 +125,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    laplace: LaplaceConfig = field(default_factory=LaplaceConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -105,6 +141,8 @@ _SECTIONS = {
     "model": ModelConfig,
     "training": TrainingConfig,
     "calibration": CalibrationConfig,
+    "laplace": LaplaceConfig,
+    "protocol": ProtocolConfig,
 }
 
 
@@ -119,15 +157,19 @@ def _check_type(path: str, value: Any, annotation: Any) -> Any:
         if "None" in allowed:
             return None
         raise ConfigError(f"`{path}` is null but must be set")
-    if "bool" in allowed:
-        if isinstance(value, bool):
+    if isinstance(value, bool):
+        if "bool" in allowed:
             return value
-    elif isinstance(value, bool):
-        raise ConfigError(f"`{path}` is {value!r} but must be {' or '.join(allowed)}")
-    if "int" in allowed and isinstance(value, int):
+    elif "int" in allowed and isinstance(value, int):
         return value
-    if "float" in allowed and isinstance(value, int | float):
+    elif "float" in allowed and isinstance(value, int | float):
         return float(value)
+    elif "float" in allowed and isinstance(value, str):
+        # YAML 1.1 reads `1e-3` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if "str" in allowed and isinstance(value, str):
         return value
     if "list[int]" in allowed and isinstance(value, list):
@@ -186,8 +228,8 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Confi
         ]
         if missing:
             raise ConfigError(f"missing required key `{name}.{missing[0]}`")
-        if name == "data" and base_dir is not None:
-            for key in ("train", "valid", "test"):
+        if base_dir is not None:
+            for key in ("train", "valid", "test", "init_from"):
                 if isinstance(kwargs.get(key), str):
                     kwargs[key] = str((base_dir / kwargs[key]).resolve())
         sections[name] = cls(**kwargs)
@@ -200,10 +242,10 @@ def _validate(config: Config) -> None:
     from .training.strategies import STRATEGIES
 
     t = config.training
-    if t.strategy not in STRATEGIES:
+    if t.strategy not in STRATEGIES and t.strategy != "protocol":
         raise ConfigError(
             f"`training.strategy` is '{t.strategy}' but must be one of: "
-            f"{', '.join(STRATEGIES)}"
+            f"{', '.join([*STRATEGIES, 'protocol'])}"
         )
     checks = [
         (config.model.num_members >= 1, "model.num_members", "positive"),
@@ -218,10 +260,48 @@ def _validate(config: Config) -> None:
             "cosine or constant",
         ),
     ]
+    checks += [
+        (
+            t.finetune_target in ("full", "heads"),
+            "training.finetune_target",
+            "full or heads",
+        ),
+        (t.random_heads_std > 0, "training.random_heads_std", "positive"),
+        (
+            config.laplace.features in ("structure", "atom"),
+            "laplace.features",
+            "structure or atom",
+        ),
+        (
+            config.laplace.regularizer in ("auto", "fit")
+            or (
+                not isinstance(config.laplace.regularizer, str)
+                and config.laplace.regularizer > 0
+            ),
+            "laplace.regularizer",
+            "auto, fit or a positive number",
+        ),
+        (
+            config.protocol.first in ("mse", "energy_nll"),
+            "protocol.first",
+            "mse or energy_nll",
+        ),
+        (
+            config.protocol.finetune_epochs >= 1,
+            "protocol.finetune_epochs",
+            "at least 1",
+        ),
+    ]
     for ok, key, rule in checks:
         if not ok:
             value = _get(config, key)
             raise ConfigError(f"`{key}` is {value!r} but must be {rule}")
+    needs_init = ("laplace", "random_heads", "finetune")
+    if t.strategy in needs_init and t.init_from is None:
+        raise ConfigError(
+            f"strategy '{t.strategy}' starts from a trained model: set "
+            "`training.init_from` to its checkpoint"
+        )
     if t.strategy != "mse" and config.model.num_members < 2:
         raise ConfigError(
             f"`model.num_members` is {config.model.num_members} but strategy "
@@ -243,10 +323,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         parts = dotted.strip().split(".")
         if len(parts) != 2:
             raise ConfigError(f"override key `{dotted}` must look like `section.key`")
-        section = raw.setdefault(parts[0], {})
+        if raw.get(parts[0]) is None:
+            raw[parts[0]] = {}
+        section = raw[parts[0]]
         if not isinstance(section, dict):
             raise ConfigError(f"`{parts[0]}` is not a section")
-        section[parts[1]] = yaml.safe_load(text)
+        try:
+            section[parts[1]] = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(
+                f"override `{item}`: the value is not valid YAML ({error})"
+            )
     return raw
 
 

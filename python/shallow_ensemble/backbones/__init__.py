@@ -2,6 +2,7 @@
 
 from ._base import Backbone
 from .soap_bpnn import SoapBpnn
+from .stacked import StackedBackbone
 
 
-__all__ = ["Backbone", "SoapBpnn"]
+__all__ = ["Backbone", "SoapBpnn", "StackedBackbone"]

@@ -33,10 +33,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import train
+    from ..training import run_protocol, train
 
     config = load_config(args.config, args.overrides)
-    result = train(config, args.output, resume=args.resume, overwrite=args.overwrite)
+    run = run_protocol if config.training.strategy == "protocol" else train
+    result = run(config, args.output, resume=args.resume, overwrite=args.overwrite)
     print(f"trained in {result.train_seconds:.1f} s, {len(result.history)} epochs")
     calibration = ", ".join(f"{k} = {v:.3f}" for k, v in result.calibration.items())
     print(f"calibration on validation: {calibration}")

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..backbones import SoapBpnn
+from ..backbones import SoapBpnn, StackedBackbone
 from ..model import EnsembleModel
 
 
@@ -18,6 +18,12 @@ VERSION = 1
 def model_hypers(model: EnsembleModel) -> dict[str, Any]:
     """Everything needed to rebuild ``model`` before loading its state."""
     backbone = model.backbone
+    if isinstance(backbone, StackedBackbone):
+        return {
+            "backbone": "stacked_soap_bpnn",
+            "backbone_hypers": [dict(b.hypers) for b in backbone.backbones],
+            "num_members": model.num_members,
+        }
     if not isinstance(backbone, SoapBpnn):
         raise TypeError(f"cannot checkpoint backbone {type(backbone).__name__}")
     return {
@@ -29,9 +35,13 @@ def model_hypers(model: EnsembleModel) -> dict[str, Any]:
 
 def build_model(hypers: dict[str, Any]) -> EnsembleModel:
     """Build an (untrained) model from :py:func:`model_hypers`."""
-    if hypers.get("backbone") != "soap_bpnn":
-        raise ValueError(f"unknown backbone '{hypers.get('backbone')}' in checkpoint")
-    backbone = SoapBpnn(**hypers["backbone_hypers"])
+    kind = hypers.get("backbone")
+    if kind == "soap_bpnn":
+        backbone = SoapBpnn(**hypers["backbone_hypers"])
+    elif kind == "stacked_soap_bpnn":
+        backbone = StackedBackbone([SoapBpnn(**h) for h in hypers["backbone_hypers"]])
+    else:
+        raise ValueError(f"unknown backbone '{kind}' in checkpoint")
     return EnsembleModel(backbone, num_members=int(hypers["num_members"]))
 
 

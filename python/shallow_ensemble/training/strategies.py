@@ -1,17 +1,22 @@
-"""Training strategies: small objects that define the loss of the one training loop.
+"""Training strategies: small objects plugged into the one training loop.
 
-Each strategy says how many members the model has, which forces it needs (none, the
-mean's, or every member's) and how a batch's loss is computed. The loop in
-:py:mod:`.trainer` is the same for all of them.
+A strategy says how the starting model is built (:py:meth:`Strategy.initialize`),
+which parameters are trained with which learning rates, whether epochs run at all,
+and how a batch's loss is computed. The loop in :py:mod:`.trainer` is the same for
+all of them.
 """
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from .. import losses
-from ..config import TrainingConfig
+from ..config import Config, TrainingConfig
 from ..model import EnsembleModel
+from . import initialization
 
 
 @dataclass
@@ -22,20 +27,70 @@ class LossParts:
     parts: dict[str, float]
 
 
+@dataclass
+class Context:
+    """What :py:meth:`Strategy.initialize` may use."""
+
+    config: Config
+    datasets: dict[str, Any]
+    atomic_types: list[int]
+    outdir: Path
+    progress: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+
+
 class Strategy:
-    """Base class: MSE on the ensemble mean (energy per atom and mean forces)."""
+    """Base class: fresh model, MSE on the ensemble mean (energy per atom, forces)."""
 
     name = "base"
     probabilistic = False
+    trains = True
 
     def __init__(self, config: TrainingConfig) -> None:
         self.config = config
         warmup = config.warmup_epochs
         self.warmup_epochs = config.epochs // 5 if warmup is None else warmup
 
+    # -- the starting model -------------------------------------------------------
     def num_members(self, requested: int) -> int:
         return requested
 
+    def initialize(self, context: Context) -> EnsembleModel:
+        """A fresh model with data-dependent normalisation and baseline."""
+        members = self.num_members(context.config.model.num_members)
+        model = initialization.build_model(
+            context.config, context.atomic_types, members
+        )
+        initialization.init_data_dependent(model, context.datasets["train"])
+        return model
+
+    def _load_start(self, context: Context) -> EnsembleModel:
+        from .checkpoints import load_model
+
+        path = self.config.init_from
+        model = load_model(path)
+        initialization.check_compatible(model, context.atomic_types, str(path))
+        return model
+
+    # -- optimisation ---------------------------------------------------------------
+    def param_groups(self, model: EnsembleModel) -> list[dict[str, Any]]:
+        c = self.config
+        heads = list(model.head.parameters())
+        head_ids = {id(p) for p in heads}
+        backbone = [p for p in model.parameters() if id(p) not in head_ids]
+        heads_lr = c.heads_learning_rate or c.learning_rate
+        return [
+            {"params": backbone, "lr": c.learning_rate},
+            {"params": heads, "lr": heads_lr},
+        ]
+
+    def prepare(self, model: EnsembleModel) -> None:
+        """Called once the model to train is ready (fresh or resumed)."""
+
+    def after_step(self, model: EnsembleModel) -> None:
+        """Called after every optimiser step."""
+
+    # -- losses ---------------------------------------------------------------------
     def in_warmup(self, epoch: int) -> bool:
         return self.probabilistic and epoch < self.warmup_epochs
 
@@ -55,16 +110,27 @@ class Strategy:
         e_loss = losses.mse(energy, batch.energy / batch.n_atoms)
         f_loss = losses.mse(prediction.forces.mean(dim=0), batch.forces)
         total = c.energy_weight * e_loss + c.forces_weight * f_loss
-        return LossParts(
-            total,
-            {
-                "energy_mse": float(e_loss.detach()),
-                "forces_mse": float(f_loss.detach()),
-            },
-        )
+        parts = {
+            "energy_mse": float(e_loss.detach()),
+            "forces_mse": float(f_loss.detach()),
+        }
+        return LossParts(total, parts)
 
     def _loss(self, prediction, batch) -> LossParts:
         return self._mse(prediction, batch)
+
+    def _joint_nll(self, prediction, batch) -> LossParts:
+        c = self.config
+        energy_loss = losses.get_energy_loss(c.energy_loss)
+        force_loss = losses.get_force_loss(c.forces_loss)
+        e_loss = energy_loss(prediction.energies, batch.energy, batch.n_atoms)
+        f_loss = force_loss(prediction.forces, batch.forces)
+        total = c.energy_weight * e_loss + c.forces_weight * f_loss
+        parts = {
+            "energy_nll": float(e_loss.detach()),
+            "forces_nll": float(f_loss.detach()),
+        }
+        return LossParts(total, parts)
 
 
 class MseStrategy(Strategy):
@@ -80,7 +146,7 @@ class EnergyNllStrategy(Strategy):
     """Energy-only probabilistic training (DPOSE): energy NLL + MSE on mean forces.
 
     Forces come from the mean energy, so no member forces are needed; the force
-    uncertainty is left uncalibrated by construction (finding 2 of the reference).
+    uncertainty is not trained (finding 2 of the reference).
     """
 
     name = "energy_nll"
@@ -92,17 +158,15 @@ class EnergyNllStrategy(Strategy):
         e_loss = energy_loss(prediction.energies, batch.energy, batch.n_atoms)
         f_loss = losses.mse(prediction.forces.mean(dim=0), batch.forces)
         total = c.energy_weight * e_loss + c.forces_weight * f_loss
-        return LossParts(
-            total,
-            {
-                "energy_nll": float(e_loss.detach()),
-                "forces_mse": float(f_loss.detach()),
-            },
-        )
+        parts = {
+            "energy_nll": float(e_loss.detach()),
+            "forces_mse": float(f_loss.detach()),
+        }
+        return LossParts(total, parts)
 
 
 class EnergyForceNllStrategy(Strategy):
-    """Joint energy + force NLL with every member's forces: the reference protocol."""
+    """Joint energy + force NLL with every member's forces, from scratch."""
 
     name = "energy_force_nll"
     probabilistic = True
@@ -111,23 +175,151 @@ class EnergyForceNllStrategy(Strategy):
         return "members"
 
     def _loss(self, prediction, batch) -> LossParts:
-        c = self.config
-        energy_loss = losses.get_energy_loss(c.energy_loss)
-        force_loss = losses.get_force_loss(c.forces_loss)
-        e_loss = energy_loss(prediction.energies, batch.energy, batch.n_atoms)
-        f_loss = force_loss(prediction.forces, batch.forces)
-        total = c.energy_weight * e_loss + c.forces_weight * f_loss
-        return LossParts(
-            total,
-            {
-                "energy_nll": float(e_loss.detach()),
-                "forces_nll": float(f_loss.detach()),
-            },
+        return self._joint_nll(prediction, batch)
+
+
+class LaplaceStrategy(Strategy):
+    """Heads sampled from the last-layer Laplace posterior of a trained model."""
+
+    name = "laplace"
+    trains = False
+
+    def initialize(self, context: Context) -> EnsembleModel:
+        model = self._load_start(context)
+        lp = context.config.laplace
+        fit = initialization.laplace_heads(
+            model,
+            context.datasets["train"],
+            context.datasets["valid"],
+            num_members=context.config.model.num_members,
+            regularizer=lp.regularizer,
+            per_atom=lp.features == "atom",
+            seed=self.config.seed,
         )
+        context.info["laplace"] = {
+            "regularizer": fit.regularizer,
+            "alpha": fit.alpha,
+            "valid_nll": fit.nll,
+        }
+        return model
+
+
+class RandomHeadsStrategy(Strategy):
+    """Heads drawn isotropically around the head of a trained model."""
+
+    name = "random_heads"
+    trains = False
+
+    def initialize(self, context: Context) -> EnsembleModel:
+        model = self._load_start(context)
+        initialization.random_heads(
+            model,
+            context.config.model.num_members,
+            self.config.random_heads_std,
+            self.config.seed,
+        )
+        return model
+
+
+class DeepEnsembleStrategy(Strategy):
+    """``num_members`` independently initialised MSE models, stacked into one."""
+
+    name = "deep_ensemble"
+    trains = False
+
+    def initialize(self, context: Context) -> EnsembleModel:
+        import dataclasses
+
+        from .trainer import train
+
+        config = context.config
+        members = []
+        start = time.perf_counter()
+        for k in range(config.model.num_members):
+            training = dataclasses.replace(
+                config.training, strategy="mse", seed=config.training.seed + k
+            )
+            member_config = dataclasses.replace(config, training=training)
+            result = train(
+                member_config,
+                context.outdir / "members" / f"{k:02d}",
+                overwrite=True,
+                progress=context.progress,
+                calibrate=False,
+            )
+            members.append(result.model)
+        context.info["members_train_seconds"] = time.perf_counter() - start
+        return initialization.stack_models(members)
+
+
+class FinetuneStrategy(Strategy):
+    """Joint energy + force NLL, starting from a trained ensemble.
+
+    The recommended protocol: start from ``laplace``, ``random_heads`` or
+    ``energy_nll`` and fine-tune the full model (or the heads only) briefly.
+    """
+
+    name = "finetune"
+    probabilistic = True
+
+    def __init__(self, config: TrainingConfig) -> None:
+        super().__init__(config)
+        self.warmup_epochs = 0 if config.warmup_epochs is None else config.warmup_epochs
+        self._mean_head: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def initialize(self, context: Context) -> EnsembleModel:
+        model = self._load_start(context)
+        if model.num_members < 2:
+            raise ValueError(
+                f"'{self.config.init_from}' has a single head: fine-tune an ensemble "
+                "(from the laplace, random_heads or energy_nll strategies)"
+            )
+        return model
+
+    def param_groups(self, model: EnsembleModel) -> list[dict[str, Any]]:
+        groups = super().param_groups(model)
+        if self.config.finetune_target == "heads":
+            for parameter in groups[0]["params"]:
+                parameter.requires_grad_(False)
+            return groups[1:]
+        return groups
+
+    def after_step(self, model: EnsembleModel) -> None:
+        if not self.config.pin_mean:
+            return
+        head = model.head
+        with torch.no_grad():
+            assert self._mean_head is not None, "prepare() sets the pinned mean"
+            weight, bias = self._mean_head
+            head.weight.sub_(head.weight.mean(dim=0, keepdim=True) - weight)
+            head.bias.sub_(head.bias.mean() - bias)
+
+    def prepare(self, model: EnsembleModel) -> None:
+        """Record the mean head to keep fixed (``pin_mean``; on a resumed run it is
+        still the pinned one)."""
+        self._mean_head = (
+            model.head.weight.detach().mean(dim=0, keepdim=True).clone(),
+            model.head.bias.detach().mean().clone(),
+        )
+
+    def forces_mode(self, epoch: int) -> str:
+        return "members"
+
+    def _loss(self, prediction, batch) -> LossParts:
+        return self._joint_nll(prediction, batch)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (MseStrategy, EnergyNllStrategy, EnergyForceNllStrategy)
+    cls.name: cls
+    for cls in (
+        MseStrategy,
+        EnergyNllStrategy,
+        EnergyForceNllStrategy,
+        LaplaceStrategy,
+        RandomHeadsStrategy,
+        DeepEnsembleStrategy,
+        FinetuneStrategy,
+    )
 }
 
 

@@ -12,24 +12,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..backbones import SoapBpnn
 from ..calibration.predictions import (
     evaluate_predictions,
     fit_calibration,
     predict_dataset,
 )
 from ..config import Config
-from ..data import (
-    GraphDataset,
-    atomic_types_of,
-    check_atomic_types,
-    iterate_batches,
-    read_structures,
-    split_indices,
-)
+from ..data import iterate_batches
 from ..model import EnsembleModel
 from .checkpoints import load_model, read_checkpoint, save_checkpoint
-from .strategies import Strategy, get_strategy
+from .datasets import load_datasets
+from .strategies import Context, Strategy, get_strategy
 
 
 class TrainingError(RuntimeError):
@@ -38,7 +31,12 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """What a training run produced."""
+    """What a training run produced.
+
+    ``train_seconds`` counts the epochs and, for strategies that build their model
+    from others (``laplace``, ``deep_ensemble``, ...), the time that took; the
+    starting checkpoint's own training is not included.
+    """
 
     model: EnsembleModel
     checkpoint: Path
@@ -46,45 +44,7 @@ class TrainResult:
     calibration: dict[str, float]
     metrics: dict[str, Any] = field(default_factory=dict)
     train_seconds: float = 0.0
-
-
-def build_model(config: Config, atomic_types: list[int], strategy: Strategy):
-    m = config.model
-    backbone = SoapBpnn(
-        atomic_types,
-        cutoff=m.cutoff,
-        cutoff_width=m.cutoff_width,
-        max_radial=m.max_radial,
-        max_angular=m.max_angular,
-        hidden_sizes=list(m.hidden_sizes),
-    )
-    return EnsembleModel(backbone, num_members=strategy.num_members(m.num_members))
-
-
-def _init_data_dependent(model: EnsembleModel, dataset: GraphDataset) -> None:
-    """Descriptor standardisation, composition baseline and energy scale."""
-    graphs = [dataset[i] for i in range(min(len(dataset), 32))]
-    model.backbone.fit_normalization(
-        [
-            [
-                g.positions[g.neighbors] - g.positions[g.centers] + g.cell_shifts,
-                g.centers,
-                g.neighbors,
-                model.species_index(g.numbers),
-            ]
-            for g in graphs
-        ]
-    )
-    counts = torch.zeros(len(dataset), len(model.atomic_types), dtype=torch.float64)
-    energies = torch.zeros(len(dataset), dtype=torch.float64)
-    n_atoms = torch.zeros(len(dataset), dtype=torch.float64)
-    for i in range(len(dataset)):
-        g = dataset[i]
-        species = model.species_index(g.numbers)
-        counts[i] = torch.bincount(species, minlength=len(model.atomic_types))
-        energies[i] = g.energy
-        n_atoms[i] = len(g.numbers)
-    model.fit_baseline(counts, energies, n_atoms)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def _lr_factor(schedule: str, epoch: int, epochs: int) -> float:
@@ -119,56 +79,15 @@ def _write_log(path: Path, history: list[dict[str, float]]) -> None:
     tmp.replace(path)
 
 
-def load_structures(config: Config) -> dict[str, list]:
-    """Train, validation (and test) structures; fractions split ``train`` at random."""
-    d = config.data
-
-    def read(path):
-        return read_structures(path, energy_key=d.energy_key, forces_key=d.forces_key)
-
-    train = read(d.train)
-    sets = {"train": train}
-    fractions = {
-        name: value
-        for name, value in (("valid", d.valid), ("test", d.test))
-        if isinstance(value, float)
-    }
-    if fractions:
-        if (
-            not all(0 < f < 1 for f in fractions.values())
-            or sum(fractions.values()) >= 1
-        ):
-            raise TrainingError(
-                f"fractions {fractions} of `data.train` must be in (0, 1) and sum to "
-                "less than 1"
-            )
-        parts = split_indices(
-            len(train),
-            [1 - sum(fractions.values()), *fractions.values()],
-            config.training.seed,
+def _check_outdir(outdir: Path, resume: bool, overwrite: bool) -> None:
+    state_path = outdir / "last.ckpt"
+    if state_path.exists() and not (resume or overwrite):
+        raise TrainingError(
+            f"'{outdir}' already holds a training run; pass --resume to continue it "
+            "or --overwrite to start again"
         )
-        sets["train"] = [train[i] for i in parts[0]]
-        for name, part in zip(fractions, parts[1:], strict=True):
-            sets[name] = [train[i] for i in part]
-    for name in ("valid", "test"):
-        value = getattr(d, name)
-        if isinstance(value, str):
-            sets[name] = read(value)
-    types = atomic_types_of(sets["train"])
-    for name, structures in sets.items():
-        if name != "train":
-            check_atomic_types(structures, types)
-    return sets
-
-
-def _load_datasets(config: Config):
-    sets = load_structures(config)
-    types = atomic_types_of(sets["train"])
-    cutoff = config.model.cutoff
-    datasets = {
-        name: GraphDataset(structures, cutoff) for name, structures in sets.items()
-    }
-    return types, datasets
+    if resume and not state_path.exists():
+        raise TrainingError(f"cannot resume: '{state_path}' does not exist")
 
 
 def train(
@@ -178,11 +97,13 @@ def train(
     overwrite: bool = False,
     on_epoch_end: Callable[[int], None] | None = None,
     progress: bool = True,
+    calibrate: bool = True,
 ) -> TrainResult:
     """Train, keep the best model on validation, calibrate it, write checkpoints.
 
     Writes ``OUTDIR/model.ckpt`` (best, calibrated), ``OUTDIR/last.ckpt`` (full
-    training state after every epoch, for ``resume``) and ``OUTDIR/log.csv``.
+    training state after every epoch, for ``resume``), ``OUTDIR/log.csv`` and
+    ``OUTDIR/metrics.json``.
 
     :param config: validated configuration
     :param outdir: output folder
@@ -190,16 +111,10 @@ def train(
     :param overwrite: start again even if ``OUTDIR`` holds a training
     :param on_epoch_end: called with the epoch index after each epoch's checkpoint
     :param progress: show progress bars
+    :param calibrate: fit the calibration factors (if ``config.calibration`` says so)
     """
     outdir = Path(outdir)
-    state_path = outdir / "last.ckpt"
-    if state_path.exists() and not (resume or overwrite):
-        raise TrainingError(
-            f"'{outdir}' already holds a training run; pass --resume to continue it "
-            "or --overwrite to start again"
-        )
-    if resume and not state_path.exists():
-        raise TrainingError(f"cannot resume: '{state_path}' does not exist")
+    _check_outdir(outdir, resume, overwrite)
     t = config.training
     device = torch.device(t.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -207,29 +122,58 @@ def train(
     dtype = getattr(torch, t.dtype)
     strategy = get_strategy(t)
 
-    types, datasets = _load_datasets(config)
+    types, datasets = load_datasets(config)
     outdir.mkdir(parents=True, exist_ok=True)
-    train_set, valid_set = datasets["train"], datasets["valid"]
     torch.manual_seed(t.seed)
-    generator = torch.Generator().manual_seed(t.seed)
+    context = Context(config, datasets, types, outdir, progress)
     state: dict[str, Any] = {}
+    start = time.perf_counter()
     if resume:
-        state = read_checkpoint(state_path)
+        state = read_checkpoint(outdir / "last.ckpt")
         if state.get("config") != config.to_dict():
             raise TrainingError(
                 "cannot resume: the configuration differs from the one in "
-                f"'{state_path}'"
+                f"'{outdir / 'last.ckpt'}'"
             )
-        model = load_model(state_path)
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        model = load_model(outdir / "last.ckpt")
+        context.info = state.get("info", {})
     else:
-        model = build_model(config, types, strategy)
-        _init_data_dependent(model, train_set)
+        model = strategy.initialize(context)
     model = model.to(device=device, dtype=dtype)
+    init_seconds = state.get("init_seconds", time.perf_counter() - start)
 
+    history: list[dict[str, float]] = []
+    elapsed = init_seconds
+    if strategy.trains:
+        history, elapsed = _run_epochs(
+            model, strategy, context, state, init_seconds, on_epoch_end
+        )
+    else:
+        save_checkpoint(outdir / "best.ckpt", model, {"epoch": -1})
+    return finalize(
+        config,
+        outdir,
+        datasets,
+        elapsed,
+        history,
+        device,
+        dtype,
+        calibrate,
+        context.info,
+    )
+
+
+def _run_epochs(
+    model, strategy: Strategy, context: Context, state, init_seconds, on_epoch_end
+):
+    """The loop over epochs: one optimiser, per-epoch checkpoints and logs."""
+    config, outdir = context.config, context.outdir
+    t = config.training
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    generator = torch.Generator().manual_seed(t.seed)
     optimizer = torch.optim.Adam(
-        model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay
+        strategy.param_groups(model), weight_decay=t.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: _lr_factor(t.lr_schedule, e, t.epochs)
@@ -237,18 +181,21 @@ def train(
     history: list[dict[str, float]] = state.get("history", [])
     best = state.get("best", math.inf)
     start_epoch = state.get("epoch", -1) + 1
-    elapsed = state.get("train_seconds", 0.0)
-    if resume:
+    elapsed = state.get("train_seconds", init_seconds)
+    if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
         print(f"resuming '{outdir}' at epoch {start_epoch + 1}/{t.epochs}")
+    strategy.prepare(model)
+    train_set, valid_set = context.datasets["train"], context.datasets["valid"]
 
-    best_path = outdir / "best.ckpt"
     epochs = tqdm(
         range(start_epoch, t.epochs),
         desc=f"train {strategy.name}",
         unit="epoch",
-        disable=not progress,
+        disable=not context.progress,
         initial=start_epoch,
         total=t.epochs,
     )
@@ -269,6 +216,7 @@ def train(
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             optimizer.step()
+            strategy.after_step(model)
             train_loss += float(result.total.detach()) * batch.n_systems
             n_seen += batch.n_systems
         scheduler.step()
@@ -291,13 +239,14 @@ def train(
         _write_log(outdir / "log.csv", history)
         epochs.set_postfix(train=f"{row['train_loss']:.4g}", valid=f"{valid_loss:.4g}")
 
+        best_path = outdir / "best.ckpt"
         if strategy.in_warmup(epoch):
             best = math.inf  # losses of the warm-up are not comparable
         if valid_loss < best or not best_path.exists():
             best = valid_loss
             save_checkpoint(best_path, model, {"epoch": epoch})
         save_checkpoint(
-            state_path,
+            outdir / "last.ckpt",
             model,
             {
                 "config": config.to_dict(),
@@ -309,15 +258,18 @@ def train(
                 "history": history,
                 "best": best,
                 "train_seconds": elapsed,
+                "init_seconds": init_seconds,
+                "info": context.info,
             },
         )
         if on_epoch_end is not None:
             on_epoch_end(epoch)
+    return history, elapsed
 
-    return finalize(config, outdir, datasets, elapsed, history, device, dtype)
 
-
-def finalize(config, outdir, datasets, elapsed, history, device, dtype) -> TrainResult:
+def finalize(
+    config, outdir, datasets, elapsed, history, device, dtype, calibrate=True, info=None
+) -> TrainResult:
     """Reload the best model, calibrate it on validation data, write model.ckpt."""
     model = load_model(outdir / "best.ckpt").to(device=device, dtype=dtype)
     model.eval()
@@ -325,7 +277,7 @@ def finalize(config, outdir, datasets, elapsed, history, device, dtype) -> Train
     predictions = predict_dataset(model, datasets["valid"], batch_size)
     metrics = {"valid_uncalibrated": evaluate_predictions(predictions)}
     calibration = {"alpha_energy": 1.0, "alpha_forces": 1.0, "alpha_atom": 1.0}
-    if config.calibration.enabled:
+    if calibrate and config.calibration.enabled:
         calibration = fit_calibration(predictions)
         for key, value in calibration.items():
             getattr(model, key).fill_(value)
@@ -338,6 +290,7 @@ def finalize(config, outdir, datasets, elapsed, history, device, dtype) -> Train
         test = test.calibrated(calibration["alpha_energy"], calibration["alpha_forces"])
         metrics["test"] = evaluate_predictions(test)
     path = outdir / "model.ckpt"
+    info = dict(info or {})
     save_checkpoint(
         path,
         model,
@@ -347,8 +300,17 @@ def finalize(config, outdir, datasets, elapsed, history, device, dtype) -> Train
             "metrics": metrics,
             "train_seconds": elapsed,
             "epochs": len(history),
+            "info": info,
         },
     )
     with open(outdir / "metrics.json", "w") as fd:
-        json.dump({"calibration": calibration, **metrics}, fd, indent=2)
-    return TrainResult(model, path, history, calibration, metrics, elapsed)
+        summary = {
+            "strategy": config.training.strategy,
+            "train_seconds": elapsed,
+            "epochs": len(history),
+            "calibration": calibration,
+            **info,
+            **metrics,
+        }
+        json.dump(summary, fd, indent=2)
+    return TrainResult(model, path, history, calibration, metrics, elapsed, info)

@@ -1,0 +1,66 @@
+"""Reading the configured datasets: files or random fractions of the training file."""
+
+from ..config import Config
+from ..data import (
+    GraphDataset,
+    atomic_types_of,
+    check_atomic_types,
+    read_structures,
+    split_indices,
+)
+
+
+class DatasetError(ValueError):
+    """The configured data cannot be split or combined as asked."""
+
+
+def load_structures(config: Config) -> dict[str, list]:
+    """Train, validation (and test) structures; fractions split ``train`` at random."""
+    d = config.data
+
+    def read(path):
+        return read_structures(path, energy_key=d.energy_key, forces_key=d.forces_key)
+
+    train = read(d.train)
+    sets = {"train": train}
+    fractions = {
+        name: value
+        for name, value in (("valid", d.valid), ("test", d.test))
+        if isinstance(value, float)
+    }
+    if fractions:
+        if (
+            not all(0 < f < 1 for f in fractions.values())
+            or sum(fractions.values()) >= 1
+        ):
+            raise DatasetError(
+                f"fractions {fractions} of `data.train` must be in (0, 1) and sum to "
+                "less than 1"
+            )
+        parts = split_indices(
+            len(train),
+            [1 - sum(fractions.values()), *fractions.values()],
+            config.training.seed,
+        )
+        sets["train"] = [train[i] for i in parts[0]]
+        for name, part in zip(fractions, parts[1:], strict=True):
+            sets[name] = [train[i] for i in part]
+    for name in ("valid", "test"):
+        value = getattr(d, name)
+        if isinstance(value, str):
+            sets[name] = read(value)
+    types = atomic_types_of(sets["train"])
+    for name, structures in sets.items():
+        if name != "train":
+            check_atomic_types(structures, types)
+    return sets
+
+
+def load_datasets(config: Config):
+    sets = load_structures(config)
+    types = atomic_types_of(sets["train"])
+    cutoff = config.model.cutoff
+    datasets = {
+        name: GraphDataset(structures, cutoff) for name, structures in sets.items()
+    }
+    return types, datasets
