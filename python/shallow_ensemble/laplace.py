@@ -147,5 +147,6 @@ def fit_laplace(
     if isinstance(regularizer, int | float) and regularizer > 0:
         return evaluate(float(regularizer))
     raise ValueError(
-        f"`regularizer` is {regularizer!r} but must be 'auto', 'fit' or a positive number"
+        f"`regularizer` is {regularizer!r} but must be 'auto', 'fit' or a positive "
+        "number"
     )

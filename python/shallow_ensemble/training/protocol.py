@@ -1,4 +1,4 @@
-"""The recommended protocol in one run: cheap ensemble, then a short force-NLL fine-tune.
+"""The recommended protocol in one run: a cheap ensemble, then a force-NLL fine-tune.
 
 ``mse`` training -> Laplace sampling of the heads -> full-model fine-tune with the joint
 energy + force NLL -> calibration (or ``energy_nll`` -> fine-tune). Each stage is one
