@@ -14,7 +14,7 @@ class DataConfig:
     """Training structures, extended XYZ (eV, angstrom)."""
     valid: str | float
     """Validation structures (early stopping, calibration): a file, or a fraction
-    of ``train`` split off at random with ``training.seed``."""
+    of ``train`` split off at random with ``split_seed``."""
     test: str | float | None = None
     """Optional held-out test structures (a file, or a fraction of ``train``),
     evaluated after training."""
@@ -22,6 +22,8 @@ class DataConfig:
     """Name of the energy in the XYZ header (ASE calculator or ``info`` key)."""
     forces_key: str = "forces"
     """Name of the per-atom forces array."""
+    split_seed: int = 0
+    """Seed of the random split when ``valid`` or ``test`` are fractions."""
 
 
 @dataclass(frozen=True, kw_only=True)

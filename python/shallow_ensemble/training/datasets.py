@@ -40,7 +40,7 @@ def load_structures(config: Config) -> dict[str, list]:
         parts = split_indices(
             len(train),
             [1 - sum(fractions.values()), *fractions.values()],
-            config.training.seed,
+            config.data.split_seed,
         )
         sets["train"] = [train[i] for i in parts[0]]
         for name, part in zip(fractions, parts[1:], strict=True):
