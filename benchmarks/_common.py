@@ -75,7 +75,7 @@ def test_metrics(config, folder: Path) -> dict:
     """Test-set metrics of a stage's model, before and after its recalibration."""
     model = load_model(folder / "model.ckpt")
     sets = load_structures(config)
-    dataset = GraphDataset(sets["test"], config.model.cutoff)
+    dataset = GraphDataset(sets["test"], model.backbone.cutoff)
     raw = predict_dataset(model, dataset, config.training.batch_size)
     calibrated = raw.calibrated(float(model.alpha_energy), float(model.alpha_forces))
     return {

@@ -74,7 +74,9 @@ class TrainingConfig:
     ``gaussian_crps_ensemble``."""
     init_from: str | None = None
     """Checkpoint to start from: the trained model that ``laplace``,
-    ``random_heads`` and ``finetune`` build on (relative to the config file)."""
+    ``random_heads`` and ``finetune`` build on (relative to the config file). Its
+    architecture and cutoff replace the ``model`` section, except
+    ``model.num_members`` for ``laplace`` and ``random_heads``."""
     heads_learning_rate: float | None = None
     """Learning rate of the heads (default: ``learning_rate``)."""
     finetune_target: str = "full"

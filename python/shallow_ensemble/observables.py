@@ -1,26 +1,26 @@
-"""Uncertainty of MD observables from one trajectory, by reweighting per member.
+r"""Uncertainty of MD observables from one trajectory, by reweighting per member.
 
-A trajectory sampled with the mean potential :math:`V = \\frac{1}{M}\\sum_k V_k` gives,
-for every ensemble member :math:`k`, the canonical average the dynamics would have given
-with :math:`V_k` instead (DPOSE, Kellner & Ceriotti, MLST 2024; Imbalzano et al., J. Chem.
-Phys. 154, 074102 (2021)):
-
-.. math::
-
-    \\langle a \\rangle_k = \\frac{\\langle a\\, w_k \\rangle}{\\langle w_k \\rangle},
-    \\qquad w_k = e^{-\\beta (V_k - V)},
-
-or, to first order in :math:`\\Delta V_k = V_k - V` (cumulant expansion),
+A trajectory sampled with the mean potential :math:`V = \frac{1}{M}\sum_k V_k`
+gives, for every ensemble member :math:`k`, the canonical average the dynamics would
+have given with :math:`V_k` instead (DPOSE, Kellner & Ceriotti, MLST 2024; Imbalzano
+et al., J. Chem. Phys. 154, 074102 (2021)):
 
 .. math::
 
-    \\langle a \\rangle_k \\approx \\langle a \\rangle
-    - \\beta \\left(\\langle a\\, \\Delta V_k \\rangle
-    - \\langle a \\rangle \\langle \\Delta V_k \\rangle\\right).
+    \langle a \rangle_k = \frac{\langle a\, w_k \rangle}{\langle w_k \rangle},
+    \qquad w_k = e^{-\beta (V_k - V)},
 
-The spread of :math:`\\langle a \\rangle_k` over members is the uncertainty of
-:math:`\\langle a \\rangle` due to the potential. The exact weights degenerate when
-:math:`\\beta\\,\\mathrm{std}(\\Delta V_k)` is large (big systems, large uncertainties):
+or, to first order in :math:`\Delta V_k = V_k - V` (cumulant expansion),
+
+.. math::
+
+    \langle a \rangle_k \approx \langle a \rangle
+    - \beta \left(\langle a\, \Delta V_k \rangle
+    - \langle a \rangle \langle \Delta V_k \rangle\right).
+
+The spread of :math:`\langle a \rangle_k` over members is the uncertainty of
+:math:`\langle a \rangle` due to the potential. The exact weights degenerate when
+:math:`\beta\,\mathrm{std}(\Delta V_k)` is large (big systems, large uncertainties):
 check :func:`effective_sample_size`; the cumulant form stays stable but is only
 first order.
 
@@ -124,10 +124,10 @@ def log_weights(
     temperature: float,
     mean_energy: ArrayLike | None = None,
 ) -> np.ndarray:
-    """Normalised log-weights :math:`\\log(w_k(t) / \\sum_t w_k(t))` of every frame.
+    r"""Normalised log-weights :math:`\log(w_k(t) / \sum_t w_k(t))` of every frame.
 
     Computed with a log-sum-exp over frames, so no exponential overflows whatever
-    :math:`\\beta (V_k - V)`.
+    :math:`\beta (V_k - V)`.
 
     :param member_energies: potential energy of each member at each frame, shape
         ``(n_frames, n_members)``, eV
@@ -148,7 +148,7 @@ def effective_sample_size(
     temperature: float,
     mean_energy: ArrayLike | None = None,
 ) -> np.ndarray:
-    """Kish effective sample size :math:`(\\sum_t w_k)^2 / \\sum_t w_k^2` per member.
+    r"""Kish effective sample size :math:`(\sum_t w_k)^2 / \sum_t w_k^2` per member.
 
     ``n_frames`` when member ``k`` agrees with the sampling potential up to a constant;
     close to 1 when one frame dominates, in which case the exact reweighted average of
@@ -169,7 +169,7 @@ def reweighted_averages(
     temperature: float,
     mean_energy: ArrayLike | None = None,
 ) -> np.ndarray:
-    """Exact reweighted averages :math:`\\langle a w_k\\rangle / \\langle w_k\\rangle`.
+    r"""Exact reweighted averages :math:`\langle a w_k\rangle / \langle w_k\rangle`.
 
     :param observable: samples of the observable, shape ``(n_frames, ...)``, any unit
     :param member_energies: shape ``(n_frames, n_members)``, eV
@@ -188,8 +188,8 @@ def cumulant_averages(
     temperature: float,
     mean_energy: ArrayLike | None = None,
 ) -> np.ndarray:
-    """First-order cumulant averages :math:`\\langle a\\rangle - \\beta\\,
-    \\mathrm{cov}(a, \\Delta V_k)` (covariance over frames, normalised by
+    r"""First-order cumulant averages :math:`\langle a\rangle - \beta\,
+    \mathrm{cov}(a, \Delta V_k)` (covariance over frames, normalised by
     ``n_frames``).
 
     :param observable: shape ``(n_frames, ...)``, any unit
@@ -234,15 +234,13 @@ def reweight_observable(
             observable, member_energies, temperature, mean_energy
         )
     elif method == "cumulant":
-        members = cumulant_averages(observable, member_energies, temperature, mean_energy)
+        members = cumulant_averages(
+            observable, member_energies, temperature, mean_energy
+        )
     else:
         raise ValueError(f"`method` is '{method}' but must be 'exact' or 'cumulant'")
     n_members = members.shape[0]
-    std = (
-        members.std(axis=0, ddof=1)
-        if n_members > 1
-        else np.zeros_like(members[0])
-    )
+    std = members.std(axis=0, ddof=1) if n_members > 1 else np.zeros_like(members[0])
     return ReweightedObservable(
         members=members,
         mean=members.mean(axis=0),

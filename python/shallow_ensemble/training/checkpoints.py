@@ -93,6 +93,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+def checkpoint_cutoff(path: str | Path) -> float:
+    """The cutoff of the model stored in a checkpoint, without building it."""
+    hypers = read_checkpoint(path)["hypers"]["backbone_hypers"]
+    if isinstance(hypers, list):
+        return max(float(h["cutoff"]) for h in hypers)
+    return float(hypers["cutoff"])
+
+
 def load_model(path: str | Path) -> EnsembleModel:
     """Rebuild the model stored in a checkpoint (in its training dtype)."""
     payload = read_checkpoint(path)

@@ -56,10 +56,15 @@ def load_structures(config: Config) -> dict[str, list]:
     return sets
 
 
-def load_datasets(config: Config):
+def load_datasets(config: Config, cutoff: float | None = None):
+    """Atomic types of the training set and neighbour graphs of every set.
+
+    :param cutoff: neighbour-list cutoff (default ``config.model.cutoff``; a model
+        that starts from a checkpoint uses the checkpoint's)
+    """
     sets = load_structures(config)
     types = atomic_types_of(sets["train"])
-    cutoff = config.model.cutoff
+    cutoff = config.model.cutoff if cutoff is None else cutoff
     datasets = {
         name: GraphDataset(structures, cutoff) for name, structures in sets.items()
     }

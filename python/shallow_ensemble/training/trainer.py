@@ -20,7 +20,12 @@ from ..calibration.predictions import (
 from ..config import Config
 from ..data import iterate_batches
 from ..model import EnsembleModel
-from .checkpoints import load_model, read_checkpoint, save_checkpoint
+from .checkpoints import (
+    checkpoint_cutoff,
+    load_model,
+    read_checkpoint,
+    save_checkpoint,
+)
 from .datasets import load_datasets
 from .strategies import Context, Strategy, get_strategy
 
@@ -122,7 +127,8 @@ def train(
     dtype = getattr(torch, t.dtype)
     strategy = get_strategy(t)
 
-    types, datasets = load_datasets(config)
+    cutoff = None if t.init_from is None else checkpoint_cutoff(t.init_from)
+    types, datasets = load_datasets(config, cutoff)
     outdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(t.seed)
     context = Context(config, datasets, types, outdir, progress)

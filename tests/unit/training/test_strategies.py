@@ -58,6 +58,10 @@ def test_post_hoc_ensembles_keep_the_trained_mean(
     data, mse_checkpoint, valid_set, tmp_path, strategy
 ):
     config = make_config(data, strategy=strategy, init_from=str(mse_checkpoint))
+    # the checkpoint's cutoff (3.5) wins over the config's for the neighbour lists
+    config = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, cutoff=2.5)
+    )
     result = train(config, tmp_path, progress=False)
     model = load_model(result.checkpoint)
     assert model.num_members == 4
