@@ -1,0 +1,100 @@
+"""Seeded outputs at initialisation and after two epochs, stored as numbers.
+
+A change here means the numbers a user gets changed: intended (then regenerate the
+values with ``python tests/regression/test_regression.py`` and say why in the
+changelog) or not (then find out why).
+"""
+
+import ase.io
+import torch
+
+from conftest import ETHANOL, graph_of, make_model
+from shallow_ensemble.config import config_from_dict
+from shallow_ensemble.training import train
+
+
+INITIAL = [-0.7277127200656548, -3.71536303410726, -1.018203285384741]
+TRAINED_MEMBERS = [-4209.5979671161085, -4209.614692134424, -4209.638922420831]
+TRAINED_CALIBRATION = {
+    "alpha_energy": 8.870878628812697,
+    "alpha_forces": 67.21307173982497,
+    "alpha_atom": 4.595014280709871,
+}
+
+
+def initial_energies():
+    model = make_model([1, 6, 8], num_members=3, seed=7)
+    atoms = ase.io.read(ETHANOL, "0")
+    positions, centers, neighbors, shifts, numbers = graph_of(
+        atoms, model.backbone.cutoff
+    )
+    vectors = positions[neighbors] - positions[centers] + shifts
+    species = model.species_index(numbers)
+    return model(vectors, centers, neighbors, species).sum(dim=0).detach()
+
+
+def trained_energies(folder):
+    frames = ase.io.read(ETHANOL, ":")
+    ase.io.write(folder / "train.xyz", frames[:12])
+    ase.io.write(folder / "valid.xyz", frames[150:154])
+    config = config_from_dict(
+        {
+            "data": {
+                "train": str(folder / "train.xyz"),
+                "valid": str(folder / "valid.xyz"),
+            },
+            "model": {
+                "num_members": 3,
+                "cutoff": 3.5,
+                "max_radial": 3,
+                "max_angular": 2,
+                "hidden_sizes": [16, 8],
+            },
+            "training": {
+                "strategy": "energy_force_nll",
+                "epochs": 2,
+                "warmup_epochs": 1,
+                "batch_size": 4,
+                "dtype": "float64",
+                "seed": 3,
+            },
+        }
+    )
+    result = train(config, folder / "run", progress=False)
+    model = result.model
+    atoms = frames[150]
+    positions, centers, neighbors, shifts, numbers = graph_of(
+        atoms, model.backbone.cutoff
+    )
+    vectors = positions[neighbors] - positions[centers] + shifts
+    species = model.species_index(numbers)
+    members = model(vectors, centers, neighbors, species).sum(dim=0).detach()
+    return members, result.calibration
+
+
+def test_initial_outputs():
+    expected = torch.tensor(INITIAL, dtype=torch.float64)
+    torch.testing.assert_close(initial_energies(), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_outputs_after_two_epochs(tmp_path):
+    members, calibration = trained_energies(tmp_path)
+    torch.testing.assert_close(
+        members,
+        torch.tensor(TRAINED_MEMBERS, dtype=torch.float64),
+        rtol=1e-8,
+        atol=1e-8,
+    )
+    for key, value in TRAINED_CALIBRATION.items():
+        assert abs(calibration[key] - value) < 1e-6 * abs(value)
+
+
+if __name__ == "__main__":
+    import tempfile
+    from pathlib import Path
+
+    torch.set_printoptions(precision=12)
+    print("INITIAL =", initial_energies().tolist())
+    members, calibration = trained_energies(Path(tempfile.mkdtemp()))
+    print("TRAINED_MEMBERS =", members.tolist())
+    print("TRAINED_CALIBRATION =", calibration)
