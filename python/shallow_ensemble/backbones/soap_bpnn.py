@@ -2,8 +2,9 @@
 
 The architecture of the DPOSE reference work (Kellner & Ceriotti, MLST 2024) and of
 metatrain's SOAP-BPNN. The density expansion uses the Laplacian-eigenstate radial basis
-of torch-spex (splined, built in float64) and the real spherical harmonics of
-sphericart; neighbour species are one-hot channels.
+of torch-spex (splined, built in float64), real spherical harmonics (plain TorchScript
+in the model, see :py:mod:`.spherical_harmonics`; sphericart's explicit gradients for
+the training Jacobian) and one-hot neighbour species channels.
 
 Member forces take the route measured as the cheapest in the design notes: the
 per-member cotangents are pulled back through the (cheap) power spectrum and MLPs in one
@@ -11,13 +12,22 @@ batched autograd call, then contracted with the explicit pair Jacobian of the de
 expansion, which is computed once and shared by all members.
 """
 
+import functools
 import math
 from typing import List
 
-import sphericart.torch
 import torch
 
 from ._base import Backbone
+from .spherical_harmonics import SphericalHarmonics
+
+
+@functools.lru_cache(maxsize=None)
+def _sphericart(l_max: int):
+    """sphericart's calculator, for the explicit Jacobian in training (eager only)."""
+    import sphericart.torch
+
+    return sphericart.torch.SphericalHarmonics(l_max)
 
 
 def _spline_tables(cutoff: float, max_radial: int, max_angular: int):
@@ -97,7 +107,7 @@ class SoapBpnn(Backbone):
         self.spline_spacing = spacing
         self.register_buffer("spline_values", values)
         self.register_buffer("spline_derivatives", derivatives)
-        self.spherical_harmonics = sphericart.torch.SphericalHarmonics(self.max_angular)
+        self.spherical_harmonics = SphericalHarmonics(self.max_angular)
 
         sizes = [(n * self.n_types) ** 2 for n in n_per_l]
         self.descriptor_size = sum(sizes)
@@ -289,7 +299,7 @@ class SoapBpnn(Backbone):
         """
         r = torch.linalg.vector_norm(vectors, dim=-1)
         radial, dradial = self._radial(r)
-        sph, dsph = self.spherical_harmonics.compute_with_gradients(vectors)
+        sph, dsph = _sphericart(self.max_angular).compute_with_gradients(vectors)
         unit = vectors / r.unsqueeze(-1)
         blocks = []
         q0 = 0

@@ -1,7 +1,6 @@
 """``shallow-ensemble export MODEL.ckpt -o model.pt``."""
 
 import argparse
-from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
@@ -9,8 +8,8 @@ def add_parser(subparsers) -> None:
         "export",
         help="export a checkpoint as a metatomic model",
         description="Write a TorchScript metatomic model (energy, energy_uncertainty, "
-        "energy_ensemble) for LAMMPS, i-PI, ASE and C++. Compiled extensions are "
-        "collected in an 'extensions/' folder next to the model.",
+        "energy_ensemble) for LAMMPS, i-PI, ASE and C++. The file is self-contained: "
+        "no compiled extension is needed to run it.",
     )
     parser.add_argument("checkpoint", help="model.ckpt written by `train`")
     parser.add_argument("-o", "--output", default="model.pt", help="exported file")
@@ -29,5 +28,5 @@ def run(args: argparse.Namespace) -> int:
 
     model = load_model(args.checkpoint)
     path = export_model(model, args.output, dtype=args.dtype)
-    print(f"wrote {path} (extensions in {Path(path).parent / 'extensions'})")
+    print(f"wrote {path}")
     return 0

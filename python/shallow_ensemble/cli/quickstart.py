@@ -81,7 +81,6 @@ def run_md(model_path: Path, xyz: str, steps: int) -> None:
     atoms = ase.io.read(xyz, index=0)
     calc = MetatomicCalculator(
         str(model_path),
-        extensions_directory=str(Path(model_path).parent / "extensions"),
         check_consistency=True,
         uncertainty_threshold=None,
     )

@@ -239,11 +239,12 @@ def export_model(
     dtype: str = "float64",
     extensions_directory: str | Path | None = None,
 ) -> Path:
-    """Export to ``path``; compiled extensions (sphericart) are collected next to it.
+    """Export to ``path``.
 
-    Engines load the file with ``extensions_directory`` pointing to the collected
-    folder (default ``<path stem>-extensions/``), or after importing
-    ``sphericart.torch``.
+    The built-in backbones are plain TorchScript: engines load the file alone. A
+    backbone using compiled TorchScript extensions would get them collected in
+    ``extensions_directory`` (default: ``extensions/`` next to ``path``), which engines
+    then need to be given.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,4 +252,7 @@ def export_model(
         extensions_directory = path.parent / "extensions"
     atomistic = to_atomistic_model(model, dtype=dtype)
     atomistic.save(str(path), collect_extensions=str(extensions_directory))
+    extensions = Path(extensions_directory)
+    if extensions.is_dir() and not any(extensions.iterdir()):
+        extensions.rmdir()  # the built-in backbones need no compiled extension
     return path
