@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 from conftest import ETHANOL, make_model
-
 from shallow_ensemble.export import export_model
 
 

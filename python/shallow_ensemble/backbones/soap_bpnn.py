@@ -22,7 +22,7 @@ from ._base import Backbone
 from .spherical_harmonics import SphericalHarmonics
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sphericart(l_max: int):
     """sphericart's calculator, for the explicit Jacobian in training (eager only)."""
     import sphericart.torch
