@@ -35,19 +35,25 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def is_torchscript(path: str) -> bool:
+    """Whether ``path`` is a TorchScript archive (an exported model) rather than a
+    ``torch.save`` file (a checkpoint), without loading it."""
+    import zipfile
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model file '{path}' does not exist")
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
 def predict(args: argparse.Namespace, structures):
     """Calibrated member predictions from a checkpoint or an exported model."""
     import torch
 
-    from ..training.checkpoints import FORMAT
-
     forces = not args.no_forces
-    try:
-        payload = torch.load(args.model, map_location="cpu", weights_only=False)
-        is_checkpoint = isinstance(payload, dict) and payload.get("format") == FORMAT
-    except Exception:
-        is_checkpoint = False
-    if is_checkpoint:
+    if not is_torchscript(args.model):
         from ..calibration.predictions import predict_dataset
         from ..data import GraphDataset, check_atomic_types
         from ..training import load_model

@@ -74,7 +74,12 @@ def run_md(model_path: Path, xyz: str, steps: int) -> None:
     from ase import units
     from ase.constraints import FixCom
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    try:  # ASE >= 3.29
+        from ase.md.velocitydistribution import thermalize_momenta
+    except ImportError:
+        from ase.md.velocitydistribution import (
+            MaxwellBoltzmannDistribution as thermalize_momenta,
+        )
     from metatomic.torch import ModelOutput
     from metatomic_ase import MetatomicCalculator
 
@@ -85,7 +90,7 @@ def run_md(model_path: Path, xyz: str, steps: int) -> None:
         uncertainty_threshold=None,
     )
     atoms.calc = calc
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=_rng())
+    thermalize_momenta(atoms, temperature_K=300, rng=_rng())
     atoms.set_constraint(FixCom())
     dyn = Langevin(
         atoms, 0.5 * units.fs, temperature_K=300, friction=0.02, fixcm=False, rng=_rng()
