@@ -6,10 +6,6 @@ dynamics must conserve the total energy, and the uncertainties it reads must be 
 ones of the exported model.
 """
 
-import json
-import subprocess
-import sys
-import textwrap
 
 import ase.io
 import numpy as np
@@ -20,7 +16,7 @@ from ase.md.verlet import VelocityVerlet
 from metatomic.torch import ModelOutput
 from metatomic_ase import MetatomicCalculator
 
-from conftest import SILICON, graph_of
+from conftest import graph_of
 from shallow_ensemble.config import config_from_dict
 from shallow_ensemble.export import export_model
 from shallow_ensemble.export.predict import load_exported, run_model
@@ -248,57 +244,5 @@ def test_small_uncertainty_threshold_warns(trained, silicon_frames):
     assert f"threshold for atoms {above}" in str(record[0].message)
 
 
-# In a fresh process the exported model is all an engine has: LAMMPS, the C++
-# driver and i-PI load it with its extensions folder and never import the Python
-# side of the package or of its dependencies.
-ENGINE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import ase.io
-    from metatomic_ase import MetatomicCalculator
-
-    path, extensions, xyz, index = sys.argv[1:]
-    assert "sphericart.torch" not in sys.modules
-    calculator = MetatomicCalculator(
-        path, extensions_directory=extensions, check_consistency=True,
-        uncertainty_threshold=None,
-    )
-    atoms = ase.io.read(xyz, int(index))
-    atoms.calc = calculator
-    forces = atoms.get_forces()
-    rows = []
-    for atom, component in [(0, 0), (3, 2), (7, 1)]:
-        energies = []
-        for sign in (1, -1):
-            moved = atoms.copy()
-            moved.positions[atom, component] += sign * {h}
-            moved.calc = calculator
-            energies.append(moved.get_potential_energy())
-        numeric = -(energies[0] - energies[1]) / (2 * {h})
-        rows.append([float(forces[atom, component]), numeric])
-    print(json.dumps(rows))
-    """
-).format(h=FORCE_H)
-
-
-def test_forces_in_a_fresh_process_are_minus_energy_gradient(trained):
-    path = trained[1]
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            ENGINE_SCRIPT,
-            str(path),
-            str(path.parent / "extensions"),
-            SILICON,
-            str(SLAB),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr
-    rows = json.loads(completed.stdout.strip().splitlines()[-1])
-    for analytic, numeric in rows:
-        assert analytic == pytest.approx(numeric, abs=FORCE_ATOL)
-    assert "autograd kernel was not registered" not in completed.stderr
+# The fresh-process check (no shallow_ensemble, no sphericart imported) lives in
+# test_fresh_process.py.
