@@ -2,9 +2,8 @@
 
 The architecture of the DPOSE reference work (Kellner & Ceriotti, MLST 2024) and of
 metatrain's SOAP-BPNN. The density expansion uses the Laplacian-eigenstate radial basis
-of torch-spex (splined, built in float64), real spherical harmonics (plain TorchScript
-in the model, see :py:mod:`.spherical_harmonics`; sphericart's explicit gradients for
-the training Jacobian) and one-hot neighbour species channels.
+of torch-spex (splined, built in float64), real spherical harmonics in plain
+TorchScript (:py:mod:`.spherical_harmonics`) and one-hot neighbour species channels.
 
 Member forces take the route measured as the cheapest in the design notes: the
 per-member cotangents are pulled back through the (cheap) power spectrum and MLPs in one
@@ -12,7 +11,6 @@ batched autograd call, then contracted with the explicit pair Jacobian of the de
 expansion, which is computed once and shared by all members.
 """
 
-import functools
 import math
 from typing import List
 
@@ -22,12 +20,22 @@ from ._base import Backbone
 from .spherical_harmonics import SphericalHarmonics
 
 
-@functools.cache
-def _sphericart(l_max: int):
-    """sphericart's calculator, for the explicit Jacobian in training (eager only)."""
-    import sphericart.torch
+def _spherical_harmonics_with_gradients(
+    module: SphericalHarmonics, vectors: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values ``(n, K)`` and gradients ``(n, 3, K)``, by three forward-mode passes
+    (each pair's harmonics depend on its own vector only). Eager only."""
+    import torch.autograd.forward_ad as forward_ad
 
-    return sphericart.torch.SphericalHarmonics(l_max)
+    gradients = []
+    with forward_ad.dual_level():
+        for axis in range(3):
+            tangent = torch.zeros_like(vectors)
+            tangent[:, axis] = 1.0
+            dual = module(forward_ad.make_dual(vectors, tangent))
+            values, derivative = forward_ad.unpack_dual(dual)
+            gradients.append(derivative)
+    return values, torch.stack(gradients, dim=1)
 
 
 def _spline_tables(cutoff: float, max_radial: int, max_angular: int):
@@ -299,7 +307,9 @@ class SoapBpnn(Backbone):
         """
         r = torch.linalg.vector_norm(vectors, dim=-1)
         radial, dradial = self._radial(r)
-        sph, dsph = _sphericart(self.max_angular).compute_with_gradients(vectors)
+        sph, dsph = _spherical_harmonics_with_gradients(
+            self.spherical_harmonics, vectors
+        )
         unit = vectors / r.unsqueeze(-1)
         blocks = []
         q0 = 0

@@ -6,8 +6,7 @@ operator from Python only, so an engine that loads the model without importing
 ``sphericart.torch`` (LAMMPS, the C++ API, i-PI or ASE in a fresh process) would get
 silently wrong forces. Plain torch operations have exact gradients of every order in
 every engine, and need no compiled extension. The values are those of sphericart
-(real harmonics, ``m = -l..l`` within each ``l``); a test checks that they agree,
-and training still uses sphericart for the explicit Jacobian of the density.
+(real harmonics, ``m = -l..l`` within each ``l``); a test checks that they agree.
 
 The recurrences act on the unit vector ``(x, y, z)``: associated Legendre
 polynomials divided by ``(1 - z^2)^{m/2}`` in ``z``, times ``Re/Im (x + iy)^m``.
