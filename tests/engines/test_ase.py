@@ -39,7 +39,7 @@ SLAB, BULK = 14, 29
 
 @pytest.fixture(scope="module")
 def trained(silicon_frames, tmp_path_factory):
-    """Energy + force NLL, 3 epochs, float64; exported next to its extensions."""
+    """Energy + force NLL, 3 epochs, float64, exported."""
     folder = tmp_path_factory.mktemp("silicon")
     train_frames = [f for i, f in enumerate(silicon_frames) if i % 5 in (0, 1, 3)]
     ase.io.write(folder / "train.xyz", train_frames)  # 24 frames
@@ -69,7 +69,7 @@ def trained(silicon_frames, tmp_path_factory):
     )
     result = train(config, folder / "run", progress=False)
     path = export_model(result.model, folder / "model.pt")
-    assert (folder / "extensions").is_dir()
+    assert not (folder / "extensions").exists()  # plain TorchScript, no extension
     return result.model, path
 
 
@@ -89,7 +89,6 @@ def calculator(trained, max_atom_uncertainty):
     path = trained[1]
     return MetatomicCalculator(
         str(path),
-        extensions_directory=str(path.parent / "extensions"),
         check_consistency=True,
         uncertainty_threshold=10 * max_atom_uncertainty,
     )
@@ -234,7 +233,6 @@ def test_small_uncertainty_threshold_warns(trained, silicon_frames):
     assert 0 < len(above) < len(atoms)
     atoms.calc = MetatomicCalculator(
         str(path),
-        extensions_directory=str(path.parent / "extensions"),
         check_consistency=True,
         uncertainty_threshold=threshold,
     )
