@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from shallow_ensemble.backbones import SoapBpnn
+from shallow_ensemble.config import config_from_dict
 from shallow_ensemble.model import EnsembleModel
 
 
@@ -22,6 +23,35 @@ SMALL_HYPERS = {
     "max_angular": 3,
     "hidden_sizes": [24, 16],
 }
+
+
+TINY_MODEL = {
+    "num_members": 4,
+    "cutoff": 3.5,
+    "max_radial": 3,
+    "max_angular": 2,
+    "hidden_sizes": [16, 8],
+}
+
+
+def tiny_config(folder, model=None, **training):
+    """A quick float64 configuration on ``folder/{train,valid}.xyz``."""
+    return config_from_dict(
+        {
+            "data": {
+                "train": str(folder / "train.xyz"),
+                "valid": str(folder / "valid.xyz"),
+            },
+            "model": {**TINY_MODEL, **(model or {})},
+            "training": {
+                "epochs": 2,
+                "warmup_epochs": 1,
+                "batch_size": 6,
+                "dtype": "float64",
+                **training,
+            },
+        }
+    )
 
 
 def make_model(atomic_types, num_members=4, seed=0, **hypers) -> EnsembleModel:

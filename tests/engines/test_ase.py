@@ -6,7 +6,6 @@ dynamics must conserve the total energy, and the uncertainties it reads must be 
 ones of the exported model.
 """
 
-
 import ase.io
 import numpy as np
 import pytest
@@ -16,8 +15,7 @@ from ase.md.verlet import VelocityVerlet
 from metatomic.torch import ModelOutput
 from metatomic_ase import MetatomicCalculator
 
-from conftest import graph_of
-from shallow_ensemble.config import config_from_dict
+from conftest import graph_of, tiny_config
 from shallow_ensemble.export import export_model
 from shallow_ensemble.export.predict import load_exported, run_model
 from shallow_ensemble.training import train
@@ -46,26 +44,8 @@ def trained(silicon_frames, tmp_path_factory):
     ase.io.write(
         folder / "valid.xyz", [f for i, f in enumerate(silicon_frames) if i % 5 == 2]
     )
-    config = config_from_dict(
-        {
-            "data": {
-                "train": str(folder / "train.xyz"),
-                "valid": str(folder / "valid.xyz"),
-            },
-            "model": {
-                "num_members": 4,
-                "cutoff": 3.5,
-                "max_radial": 3,
-                "max_angular": 2,
-                "hidden_sizes": [16, 8],
-            },
-            "training": {
-                "strategy": "energy_force_nll",
-                "epochs": 3,
-                "batch_size": 8,
-                "dtype": "float64",
-            },
-        }
+    config = tiny_config(
+        folder, strategy="energy_force_nll", epochs=3, warmup_epochs=None, batch_size=8
     )
     result = train(config, folder / "run", progress=False)
     path = export_model(result.model, folder / "model.pt")

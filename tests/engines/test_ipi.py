@@ -62,14 +62,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SILICON
+from conftest import SILICON, tiny_config
 
 
 pytest.importorskip("ipi")
 
 from ipi.utils.units import unit_to_internal, unit_to_user  # noqa: E402
 
-from shallow_ensemble.config import config_from_dict  # noqa: E402
 from shallow_ensemble.export import export_model  # noqa: E402
 from shallow_ensemble.export.predict import load_exported, run_model  # noqa: E402
 from shallow_ensemble.observables import reweight_observable  # noqa: E402
@@ -103,26 +102,12 @@ def model_folder(tmp_path_factory):
     frames = ase.io.read(SILICON, ":")
     ase.io.write(folder / "train.xyz", frames[:24])
     ase.io.write(folder / "valid.xyz", frames[24:32])
-    config = config_from_dict(
-        {
-            "data": {
-                "train": str(folder / "train.xyz"),
-                "valid": str(folder / "valid.xyz"),
-            },
-            "model": {
-                "num_members": 4,
-                "cutoff": 4.0,
-                "max_radial": 4,
-                "max_angular": 3,
-                "hidden_sizes": [16, 8],
-            },
-            "training": {
-                "strategy": "energy_force_nll",
-                "epochs": 3,
-                "batch_size": 6,
-                "dtype": "float64",
-            },
-        }
+    config = tiny_config(
+        folder,
+        model={"cutoff": 4.0, "max_radial": 4, "max_angular": 3},
+        strategy="energy_force_nll",
+        epochs=3,
+        warmup_epochs=None,
     )
     result = train(config, folder / "run", progress=False)
     export_model(result.model, folder / "model.pt")

@@ -8,8 +8,7 @@ changelog) or not (then find out why).
 import ase.io
 import torch
 
-from conftest import ETHANOL, graph_of, make_model
-from shallow_ensemble.config import config_from_dict
+from conftest import ETHANOL, graph_of, make_model, tiny_config
 from shallow_ensemble.training import train
 
 
@@ -37,28 +36,12 @@ def trained_energies(folder):
     frames = ase.io.read(ETHANOL, ":")
     ase.io.write(folder / "train.xyz", frames[:12])
     ase.io.write(folder / "valid.xyz", frames[150:154])
-    config = config_from_dict(
-        {
-            "data": {
-                "train": str(folder / "train.xyz"),
-                "valid": str(folder / "valid.xyz"),
-            },
-            "model": {
-                "num_members": 3,
-                "cutoff": 3.5,
-                "max_radial": 3,
-                "max_angular": 2,
-                "hidden_sizes": [16, 8],
-            },
-            "training": {
-                "strategy": "energy_force_nll",
-                "epochs": 2,
-                "warmup_epochs": 1,
-                "batch_size": 4,
-                "dtype": "float64",
-                "seed": 3,
-            },
-        }
+    config = tiny_config(
+        folder,
+        model={"num_members": 3},
+        strategy="energy_force_nll",
+        batch_size=4,
+        seed=3,
     )
     result = train(config, folder / "run", progress=False)
     model = result.model

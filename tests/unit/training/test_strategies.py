@@ -6,9 +6,9 @@ import json
 import ase.io
 import pytest
 import torch
-from test_trainer import make_config
 
 from conftest import ETHANOL
+from conftest import tiny_config as make_config
 from shallow_ensemble.calibration.predictions import predict_dataset
 from shallow_ensemble.data import GraphDataset, read_structures
 from shallow_ensemble.export import to_atomistic_model

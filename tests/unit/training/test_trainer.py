@@ -7,8 +7,7 @@ import ase.io
 import pytest
 import torch
 
-from conftest import ETHANOL
-from shallow_ensemble.config import config_from_dict
+from conftest import ETHANOL, tiny_config
 from shallow_ensemble.export import to_atomistic_model
 from shallow_ensemble.export.predict import run_model
 from shallow_ensemble.training import TrainingError, load_model, train
@@ -24,28 +23,7 @@ def small_data(tmp_path_factory):
 
 
 def make_config(folder, **training):
-    return config_from_dict(
-        {
-            "data": {
-                "train": str(folder / "train.xyz"),
-                "valid": str(folder / "valid.xyz"),
-            },
-            "model": {
-                "num_members": 4,
-                "cutoff": 3.5,
-                "max_radial": 3,
-                "max_angular": 2,
-                "hidden_sizes": [16, 8],
-            },
-            "training": {
-                "epochs": 2,
-                "warmup_epochs": 1,
-                "batch_size": 6,
-                "dtype": "float64",
-                **training,
-            },
-        }
-    )
+    return tiny_config(folder, **training)
 
 
 @pytest.mark.parametrize("strategy", ["mse", "energy_nll", "energy_force_nll"])
