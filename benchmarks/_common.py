@@ -29,6 +29,11 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def get(report: dict, quantity: str, key: str) -> float:
+    """``report[quantity][key]``, NaN when absent (e.g. no uncertainty for ``mse``)."""
+    return report.get(quantity, {}).get(key, float("nan"))
+
+
 def make_config(args, **training):
     """The benchmark configuration: same data split and model for every strategy."""
     raw = {

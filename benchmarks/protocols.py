@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 import torch
-from _common import add_model_arguments, make_config, run_stage, test_metrics
+from _common import add_model_arguments, get, make_config, run_stage, test_metrics
 
 
 def stages(args):
@@ -111,9 +111,6 @@ def main() -> None:
     summary = []
     for name, r in results.items():
         raw, cal = r["raw"], r["calibrated"]
-
-        def get(report, quantity, key):
-            return report.get(quantity, {}).get(key, float("nan"))
 
         print(
             f"{name:<22}{r['total_seconds']:>8.0f}{r['total_epochs']:>4}"
