@@ -23,19 +23,17 @@ from .spherical_harmonics import SphericalHarmonics
 def _spherical_harmonics_with_gradients(
     module: SphericalHarmonics, vectors: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values ``(n, K)`` and gradients ``(n, 3, K)``, by three forward-mode passes
-    (each pair's harmonics depend on its own vector only). Eager only."""
-    import torch.autograd.forward_ad as forward_ad
+    """Values ``(n, K)`` and gradients ``(n, 3, K)`` by forward-mode AD: three
+    tangents at once with ``vmap`` (each pair's harmonics depend on its own vector
+    only). Eager only; about twice as fast as three separate dual-number passes."""
+    from torch.func import jvp, vmap
 
-    gradients = []
-    with forward_ad.dual_level():
-        for axis in range(3):
-            tangent = torch.zeros_like(vectors)
-            tangent[:, axis] = 1.0
-            dual = module(forward_ad.make_dual(vectors, tangent))
-            values, derivative = forward_ad.unpack_dual(dual)
-            gradients.append(derivative)
-    return values, torch.stack(gradients, dim=1)
+    tangents = torch.eye(3, dtype=vectors.dtype, device=vectors.device)
+    tangents = tangents.unsqueeze(1).expand(3, vectors.shape[0], 3)
+    values, gradients = vmap(lambda tangent: jvp(module, (vectors,), (tangent,)))(
+        tangents
+    )
+    return values[0], gradients.permute(1, 0, 2)
 
 
 def _spline_tables(cutoff: float, max_radial: int, max_angular: int):
