@@ -13,7 +13,7 @@ polynomials divided by ``(1 - z^2)^{m/2}`` in ``z``, times ``Re/Im (x + iy)^m``.
 """
 
 import math
-from typing import List
+from typing import List, Tuple
 
 import torch
 
@@ -92,3 +92,77 @@ class SphericalHarmonics(torch.nn.Module):
                 columns.append(self.norms[index] * value)
                 index += 1
         return torch.stack(columns, dim=-1)
+
+    @torch.jit.unused
+    def compute_with_gradients(
+        self, vectors: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Values ``(n, K)`` and analytic gradients w.r.t. ``vectors`` ``(n, 3, K)``.
+
+        The polynomials :math:`P(u)` in the unit vector are differentiated term by
+        term, then projected onto the sphere:
+        :math:`dY/dR = (\\nabla_u P - u (u \\cdot \\nabla_u P)) / r`.
+        Used for the explicit pair Jacobian in training (eager only).
+        """
+        r = torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)
+        unit = vectors / r
+        x, y, z = unit[:, 0], unit[:, 1], unit[:, 2]
+        ones = torch.ones_like(z)
+        zeros = torch.zeros_like(z)
+        cos_m, sin_m = [ones], [zeros]
+        for m in range(1, self.l_max + 1):
+            cos_m.append(x * cos_m[m - 1] - y * sin_m[m - 1])
+            sin_m.append(x * sin_m[m - 1] + y * cos_m[m - 1])
+        q: List[List[torch.Tensor]] = []
+        dq: List[List[torch.Tensor]] = []
+        for ell in range(self.l_max + 1):
+            row, drow = [], []
+            for m in range(ell + 1):
+                if m == ell:
+                    value = ones if ell == 0 else (2 * ell - 1) * q[ell - 1][ell - 1]
+                    derivative = zeros
+                elif m == ell - 1:
+                    value = (2 * m + 1) * z * q[ell - 1][m]
+                    derivative = (2 * m + 1) * (q[ell - 1][m] + z * dq[ell - 1][m])
+                else:
+                    value = (
+                        (2 * ell - 1) * z * q[ell - 1][m]
+                        - (ell + m - 1) * q[ell - 2][m]
+                    ) / (ell - m)
+                    derivative = (
+                        (2 * ell - 1) * (q[ell - 1][m] + z * dq[ell - 1][m])
+                        - (ell + m - 1) * dq[ell - 2][m]
+                    ) / (ell - m)
+                row.append(value)
+                drow.append(derivative)
+            q.append(row)
+            dq.append(drow)
+        values, gradients = [], []
+        index = 0
+        for ell in range(self.l_max + 1):
+            for m in range(-ell, ell + 1):
+                a = abs(m)
+                if m < 0:  # q * Im (x + iy)^a
+                    phi, dphi_dx, dphi_dy = sin_m[a], a * sin_m[a - 1], a * cos_m[a - 1]
+                elif m == 0:
+                    phi, dphi_dx, dphi_dy = ones, zeros, zeros
+                else:  # q * Re (x + iy)^a
+                    phi, dphi_dx, dphi_dy = (
+                        cos_m[a],
+                        a * cos_m[a - 1],
+                        -a * sin_m[a - 1],
+                    )
+                norm = self.norms[index]
+                values.append(norm * q[ell][a] * phi)
+                gradients.append(
+                    norm
+                    * torch.stack(
+                        [q[ell][a] * dphi_dx, q[ell][a] * dphi_dy, dq[ell][a] * phi],
+                        dim=-1,
+                    )
+                )
+                index += 1
+        grad_u = torch.stack(gradients, dim=-1)  # (n, 3, K)
+        radial = (unit.unsqueeze(-1) * grad_u).sum(dim=1, keepdim=True)
+        grad_r = (grad_u - unit.unsqueeze(-1) * radial) / r.unsqueeze(-1)
+        return torch.stack(values, dim=-1), grad_r
