@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, calibrate, evaluate and export shallow-ensemble "
         "interatomic potentials with calibrated uncertainties.",
     )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=__version__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS.values():
         module.add_parser(subparsers)
