@@ -258,3 +258,33 @@ def test_evaluate_on_unknown_element(trained, exported, model_name, tmp_path):
 def test_evaluate_missing_model(workdir, tmp_path):
     run = run_main(["evaluate", tmp_path / "none.pt", workdir / "valid.xyz"])
     assert_clean_error(run, "none.pt", "does not exist")
+
+
+def test_quickstart_runs_the_whole_workflow(tmp_path):
+    """The README's first command, shortened: train, calibrate, export, ASE MD."""
+    run = run_main(
+        [
+            "quickstart",
+            "-o",
+            tmp_path / "qs",
+            "--steps",
+            "20",
+            "--set",
+            "training.epochs=2",
+            "--set",
+            "training.warmup_epochs=1",
+        ]
+    )
+    assert run.code == 0, run.err
+    assert (tmp_path / "qs" / "model.ckpt").is_file()
+    assert (tmp_path / "qs" / "model.pt").is_file()
+    md_rows = [
+        line.split()
+        for line in run.out.splitlines()
+        if line.strip() and line.split()[0] in ("0", "20")
+    ]
+    assert [row[0] for row in md_rows] == ["0", "20"]
+    for row in md_rows:
+        energy, sigma, sigma_max = (float(v) for v in row[1:4])
+        assert -4300 < energy < -4100  # ethanol, eV
+        assert sigma > 0 and sigma_max > 0
