@@ -134,7 +134,7 @@ def fit_calibration(predictions: EnsemblePredictions) -> dict[str, float]:
     return alphas
 
 
-def _summary(y_true, mean, std) -> dict[str, float]:
+def _report(y_true, mean, std) -> dict[str, float]:
     if bool((std > 0).all()):
         return summary(y_true, mean, std)
     # a deterministic model (or a collapsed ensemble) has no uncertainty to judge
@@ -145,17 +145,15 @@ def evaluate_predictions(
     predictions: EnsemblePredictions,
 ) -> dict[str, dict[str, float]]:
     """Accuracy and calibration metrics (energies per structure, force components)."""
-    summary = _summary
     report = {}
     if predictions.energy_ref is not None:
         mean, std = _mean_std(predictions.energies, 1)
-        report["energy"] = summary(predictions.energy_ref, mean, std)
-        report["energy_per_atom"] = summary(
-            predictions.energy_ref / predictions.n_atoms,
-            mean / predictions.n_atoms,
-            std / predictions.n_atoms,
+        n_atoms = predictions.n_atoms
+        report["energy"] = _report(predictions.energy_ref, mean, std)
+        report["energy_per_atom"] = _report(
+            predictions.energy_ref / n_atoms, mean / n_atoms, std / n_atoms
         )
     if predictions.forces is not None and predictions.forces_ref is not None:
         mean, std = _mean_std(predictions.forces, 0)
-        report["forces"] = summary(predictions.forces_ref, mean, std)
+        report["forces"] = _report(predictions.forces_ref, mean, std)
     return report
