@@ -74,6 +74,7 @@ def run_md(model_path: Path, xyz: str, steps: int) -> None:
     from ase import units
     from ase.constraints import FixCom
     from ase.md.langevin import Langevin
+
     try:  # ASE >= 3.29
         from ase.md.velocitydistribution import thermalize_momenta
     except ImportError:

@@ -7,6 +7,7 @@ forces and stress come from the engine's autograd of ``energy`` (member forces f
 ``energy_ensemble``).
 """
 
+import copy
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -209,7 +210,7 @@ def to_atomistic_model(
     """Wrap ``model`` (a copy, in ``dtype``) in a metatomic ``AtomisticModel``."""
     if dtype not in ("float32", "float64"):
         raise ValueError(f"`dtype` is '{dtype}' but must be 'float32' or 'float64'")
-    model = _copy(model).to(dtype=getattr(torch, dtype), device="cpu").eval()
+    model = copy.deepcopy(model).to(dtype=getattr(torch, dtype), device="cpu").eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     metadata = ModelMetadata(
@@ -225,12 +226,6 @@ def to_atomistic_model(
     )
     module = ExportedEnsemble(model).eval()
     return AtomisticModel(module, metadata, capabilities(model, dtype))
-
-
-def _copy(model: EnsembleModel) -> EnsembleModel:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def export_model(

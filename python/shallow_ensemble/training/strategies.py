@@ -104,33 +104,33 @@ class Strategy:
             return self._mse(prediction, batch)
         return self._loss(prediction, batch)
 
-    def _mse(self, prediction, batch) -> LossParts:
+    def _combine(
+        self, energy: tuple[str, torch.Tensor], forces: tuple[str, torch.Tensor]
+    ):
+        """Weighted sum of a named energy term and a named forces term."""
         c = self.config
+        total = c.energy_weight * energy[1] + c.forces_weight * forces[1]
+        parts = {name: float(value.detach()) for name, value in (energy, forces)}
+        return LossParts(total, parts)
+
+    def _energy_nll(self, prediction, batch) -> tuple[str, torch.Tensor]:
+        energy_loss = losses.get_energy_loss(self.config.energy_loss)
+        return "energy_nll", energy_loss(
+            prediction.energies, batch.energy, batch.n_atoms
+        )
+
+    def _forces_mse(self, prediction, batch) -> tuple[str, torch.Tensor]:
+        return "forces_mse", losses.mse(prediction.forces.mean(dim=0), batch.forces)
+
+    def _mse(self, prediction, batch) -> LossParts:
         energy = prediction.energies.mean(dim=1) / batch.n_atoms
         e_loss = losses.mse(energy, batch.energy / batch.n_atoms)
-        f_loss = losses.mse(prediction.forces.mean(dim=0), batch.forces)
-        total = c.energy_weight * e_loss + c.forces_weight * f_loss
-        parts = {
-            "energy_mse": float(e_loss.detach()),
-            "forces_mse": float(f_loss.detach()),
-        }
-        return LossParts(total, parts)
+        return self._combine(
+            ("energy_mse", e_loss), self._forces_mse(prediction, batch)
+        )
 
     def _loss(self, prediction, batch) -> LossParts:
         return self._mse(prediction, batch)
-
-    def _joint_nll(self, prediction, batch) -> LossParts:
-        c = self.config
-        energy_loss = losses.get_energy_loss(c.energy_loss)
-        force_loss = losses.get_force_loss(c.forces_loss)
-        e_loss = energy_loss(prediction.energies, batch.energy, batch.n_atoms)
-        f_loss = force_loss(prediction.forces, batch.forces)
-        total = c.energy_weight * e_loss + c.forces_weight * f_loss
-        parts = {
-            "energy_nll": float(e_loss.detach()),
-            "forces_nll": float(f_loss.detach()),
-        }
-        return LossParts(total, parts)
 
 
 class MseStrategy(Strategy):
@@ -153,16 +153,9 @@ class EnergyNllStrategy(Strategy):
     probabilistic = True
 
     def _loss(self, prediction, batch) -> LossParts:
-        c = self.config
-        energy_loss = losses.get_energy_loss(c.energy_loss)
-        e_loss = energy_loss(prediction.energies, batch.energy, batch.n_atoms)
-        f_loss = losses.mse(prediction.forces.mean(dim=0), batch.forces)
-        total = c.energy_weight * e_loss + c.forces_weight * f_loss
-        parts = {
-            "energy_nll": float(e_loss.detach()),
-            "forces_mse": float(f_loss.detach()),
-        }
-        return LossParts(total, parts)
+        return self._combine(
+            self._energy_nll(prediction, batch), self._forces_mse(prediction, batch)
+        )
 
 
 class EnergyForceNllStrategy(Strategy):
@@ -175,7 +168,11 @@ class EnergyForceNllStrategy(Strategy):
         return "members"
 
     def _loss(self, prediction, batch) -> LossParts:
-        return self._joint_nll(prediction, batch)
+        force_loss = losses.get_force_loss(self.config.forces_loss)
+        f_loss = force_loss(prediction.forces, batch.forces)
+        return self._combine(
+            self._energy_nll(prediction, batch), ("forces_nll", f_loss)
+        )
 
 
 class LaplaceStrategy(Strategy):
@@ -252,7 +249,7 @@ class DeepEnsembleStrategy(Strategy):
         return initialization.stack_models(members)
 
 
-class FinetuneStrategy(Strategy):
+class FinetuneStrategy(EnergyForceNllStrategy):
     """Joint energy + force NLL, starting from a trained ensemble.
 
     The recommended protocol: start from ``laplace``, ``random_heads`` or
@@ -260,7 +257,6 @@ class FinetuneStrategy(Strategy):
     """
 
     name = "finetune"
-    probabilistic = True
 
     def __init__(self, config: TrainingConfig) -> None:
         super().__init__(config)
@@ -301,12 +297,6 @@ class FinetuneStrategy(Strategy):
             model.head.weight.detach().mean(dim=0, keepdim=True).clone(),
             model.head.bias.detach().mean().clone(),
         )
-
-    def forces_mode(self, epoch: int) -> str:
-        return "members"
-
-    def _loss(self, prediction, batch) -> LossParts:
-        return self._joint_nll(prediction, batch)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
