@@ -6,7 +6,7 @@
 :func:`train_valid_test` makes reproducible random splits.
 """
 
-from .collate import Batch, collate, iterate_batches
+from .collate import Batch, batch_indices, collate, iterate_batches
 from .dataset import Graph, GraphDataset, build_graph
 from .readers import (
     DataError,
@@ -25,6 +25,7 @@ __all__ = [
     "GraphDataset",
     "Structure",
     "atomic_types_of",
+    "batch_indices",
     "build_graph",
     "check_atomic_types",
     "collate",

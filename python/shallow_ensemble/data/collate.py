@@ -27,6 +27,8 @@ class Batch:
         ``(n_pairs, 3)``, Å
     :param energy: total energies, shape ``(n_systems,)``, eV, or ``None``
     :param forces: forces, shape ``(n_atoms, 3)``, eV/Å, or ``None``
+    :param cell: cell vectors (rows) of each system, shape ``(n_systems, 3, 3)``, Å;
+        zero rows along non-periodic directions (``None`` if unknown)
     """
 
     numbers: torch.Tensor
@@ -38,6 +40,7 @@ class Batch:
     cell_shifts: torch.Tensor
     energy: torch.Tensor | None
     forces: torch.Tensor | None
+    cell: torch.Tensor | None = None
 
     @property
     def n_systems(self) -> int:
@@ -71,6 +74,7 @@ class Batch:
             cell_shifts=floats(self.cell_shifts),
             energy=None if self.energy is None else floats(self.energy),
             forces=None if self.forces is None else floats(self.forces),
+            cell=None if self.cell is None else floats(self.cell),
         )
 
     def pair_vectors(self) -> torch.Tensor:
@@ -117,7 +121,30 @@ def collate(graphs: Sequence[Graph]) -> Batch:
         forces=None
         if any(f is None for f in forces)
         else torch.cat([f for f in forces if f is not None]),
+        cell=torch.stack([graph.cell for graph in graphs]),
     )
+
+
+def batch_indices(
+    n: int,
+    batch_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Indices of the structures of each batch (the last batch may be smaller).
+
+    :param n: number of structures
+    :param batch_size: number of structures per batch, positive
+    :param shuffle: visit the structures in a random order (drawn with ``generator``)
+    :param generator: random number generator for the shuffling; ``None`` uses
+        torch's global generator
+    :raises ValueError: if ``batch_size`` is not positive
+    """
+    if batch_size <= 0:
+        raise ValueError(f"`batch_size` is {batch_size} but must be positive")
+    order = torch.randperm(n, generator=generator).tolist() if shuffle else range(n)
+    order = list(order)
+    return [order[start : start + batch_size] for start in range(0, n, batch_size)]
 
 
 def iterate_batches(
@@ -137,18 +164,5 @@ def iterate_batches(
         this function is called
     :raises ValueError: if ``batch_size`` is not positive
     """
-    if batch_size <= 0:
-        raise ValueError(f"`batch_size` is {batch_size} but must be positive")
-    n = len(dataset)
-    if shuffle:
-        order = torch.randperm(n, generator=generator).tolist()
-    else:
-        order = list(range(n))
-    return _batches(dataset, order, batch_size)
-
-
-def _batches(
-    dataset: GraphDataset | Sequence[Graph], order: list[int], batch_size: int
-) -> Iterator[Batch]:
-    for start in range(0, len(order), batch_size):
-        yield collate([dataset[index] for index in order[start : start + batch_size]])
+    batches = batch_indices(len(dataset), batch_size, shuffle, generator)
+    return (collate([dataset[i] for i in indices]) for indices in batches)

@@ -7,6 +7,7 @@ from ..config import Config
 from ..data import iterate_batches
 from ..laplace import LaplaceFit, feature_covariance, fit_laplace, sample_parameters
 from ..model import EnsembleModel
+from .distributed import Workers
 
 
 def build_model(config: Config, atomic_types: list[int], num_members: int):
@@ -84,20 +85,12 @@ def head_features(model: EnsembleModel, dataset, per_atom: bool, batch_size: int
     rows, summed, errors = [], [], []
     for batch in iterate_batches(dataset, batch_size, shuffle=False):
         batch = batch.to(device=parameter.device, dtype=parameter.dtype)
-        species = model.species_index(batch.numbers)
-        features = model.backbone(
-            batch.pair_vectors(), batch.centers, batch.neighbors, species
-        ).double()
-        phi = model.head.energy_scale.double() * torch.cat(
-            [features, torch.ones_like(features[:, :1])], dim=1
-        )
+        phi, offsets = model.head_design(batch)
         phi_sum = torch.zeros(
             (batch.n_systems, phi.shape[1]), dtype=phi.dtype, device=phi.device
         ).index_add(0, batch.system_index, phi)
         baseline = torch.zeros(batch.n_systems, dtype=phi.dtype, device=phi.device)
-        baseline = baseline.index_add(
-            0, batch.system_index, model.head.composition.double()[species]
-        )
+        baseline = baseline.index_add(0, batch.system_index, offsets)
         predicted = phi_sum @ theta.to(phi.device) + baseline
         errors.append((batch.energy.double() - predicted).cpu())
         summed.append(phi_sum.cpu())
@@ -116,14 +109,19 @@ def laplace_heads(
     regularizer: str | float,
     per_atom: bool,
     seed: int,
+    workers: Workers | None = None,
 ) -> LaplaceFit:
     """Replace the heads by ``num_members`` samples of the last-layer posterior.
 
     The regulariser and ``alpha`` are chosen on the validation energies; the samples
     are recentred on the trained (mean) head, so the mean prediction is unchanged.
+    With several training processes (``workers``), each accumulates the feature
+    covariance of its share of the training set and the shares are summed.
     """
-    rows, _, _ = head_features(model, train_set, per_atom)
-    covariance = feature_covariance(rows)
+    workers = workers or Workers()
+    shard = workers.shard([train_set[i] for i in range(len(train_set))])
+    rows, _, _ = head_features(model, shard, per_atom)
+    covariance = workers.all_reduce(feature_covariance(rows))
     _, valid_summed, valid_errors = head_features(model, valid_set, per_atom)
     fit = fit_laplace(covariance, valid_summed, valid_errors, regularizer)
     generator = torch.Generator().manual_seed(seed)

@@ -17,14 +17,31 @@ from .. import losses
 from ..config import Config, TrainingConfig
 from ..model import EnsembleModel
 from . import initialization
+from .distributed import Workers
 
 
 @dataclass
 class LossParts:
-    """A batch loss and its named, detached parts (for logs)."""
+    """A batch loss as its weighted energy and force terms, and named, detached
+    parts (for logs).
 
-    total: torch.Tensor
+    Both terms are means (over structures, and over atoms or force components), so
+    the loss of a batch split over processes is
+    ``sum_p (share_E[p] * energy[p] + share_F[p] * forces[p])`` with the shares of
+    structures and atoms each process holds (see :py:meth:`weighted`).
+    """
+
+    energy: torch.Tensor
+    forces: torch.Tensor
     parts: dict[str, float]
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.energy + self.forces
+
+    def weighted(self, energy_share: float, forces_share: float) -> torch.Tensor:
+        """This part of a larger batch's loss, given its shares of the batch."""
+        return energy_share * self.energy + forces_share * self.forces
 
 
 @dataclass
@@ -37,6 +54,7 @@ class Context:
     outdir: Path
     progress: bool = True
     info: dict[str, Any] = field(default_factory=dict)
+    workers: Workers = field(default_factory=Workers)
 
 
 class Strategy:
@@ -109,9 +127,10 @@ class Strategy:
     ):
         """Weighted sum of a named energy term and a named forces term."""
         c = self.config
-        total = c.energy_weight * energy[1] + c.forces_weight * forces[1]
         parts = {name: float(value.detach()) for name, value in (energy, forces)}
-        return LossParts(total, parts)
+        return LossParts(
+            c.energy_weight * energy[1], c.forces_weight * forces[1], parts
+        )
 
     def _energy_nll(self, prediction, batch) -> tuple[str, torch.Tensor]:
         energy_loss = losses.get_energy_loss(self.config.energy_loss)
@@ -192,6 +211,7 @@ class LaplaceStrategy(Strategy):
             regularizer=lp.regularizer,
             per_atom=lp.features == "atom",
             seed=self.config.seed,
+            workers=context.workers,
         )
         context.info["laplace"] = {
             "regularizer": fit.regularizer,

@@ -18,7 +18,7 @@ from ..calibration.predictions import (
     predict_dataset,
 )
 from ..config import Config
-from ..data import iterate_batches
+from ..data import batch_indices, collate
 from ..model import EnsembleModel
 from .checkpoints import (
     checkpoint_cutoff,
@@ -27,6 +27,7 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .datasets import load_datasets
+from .distributed import init_workers
 from .strategies import Context, Strategy, get_strategy
 
 
@@ -59,17 +60,58 @@ def _lr_factor(schedule: str, epoch: int, epochs: int) -> float:
     return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _validation_loss(model, strategy, dataset, batch_size, epoch, device, dtype):
+def _validation_loss(model, strategy, dataset, batch_size, epoch, workers):
+    """Validation loss, weighted by structures; batches shared among processes."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     total, weight = 0.0, 0
     parts: dict[str, float] = {}
-    for batch in iterate_batches(dataset, batch_size, shuffle=False):
-        batch = batch.to(device=device, dtype=dtype)
+    batches = batch_indices(len(dataset), batch_size, shuffle=False)
+    for indices in workers.shard(batches):
+        batch = collate([dataset[i] for i in indices]).to(device=device, dtype=dtype)
         result = strategy.loss(model, batch, epoch)
         total += float(result.total.detach()) * batch.n_systems
         weight += batch.n_systems
         for key, value in result.parts.items():
             parts[key] = parts.get(key, 0.0) + value * batch.n_systems
+    if workers.distributed:
+        gathered = workers.all_gather((total, weight, parts))
+        total = sum(g[0] for g in gathered)
+        weight = sum(g[1] for g in gathered)
+        parts = {k: sum(g[2].get(k, 0.0) for g in gathered) for k in gathered[0][2]}
     return total / weight, {k: v / weight for k, v in parts.items()}
+
+
+def _train_step(model, strategy, dataset, indices, epoch, workers, dtype):
+    """Loss and gradients of one global batch (this process's share of it).
+
+    :return: the global batch's loss times its number of structures (for the log)
+    """
+    device = next(model.parameters()).device
+    mine = workers.shard(indices)
+    total, finite = torch.zeros(()), True
+    if mine:
+        batch = collate([dataset[i] for i in mine]).to(device=device, dtype=dtype)
+        result = strategy.loss(model, batch, epoch)
+        atoms = [dataset[i].n_atoms for i in indices]
+        local = result.weighted(
+            len(mine) / len(indices), sum(dataset[i].n_atoms for i in mine) / sum(atoms)
+        )
+        finite = bool(torch.isfinite(local))
+        if finite:
+            local.backward()
+        total = local.detach().cpu() * len(indices)
+    # one reduction tells every process the summed loss and whether any failed
+    stats = workers.all_reduce(
+        torch.stack([total.to(torch.float64), torch.tensor(float(not finite))])
+    )
+    if float(stats[1]) > 0:
+        raise TrainingError(
+            f"non-finite loss at epoch {epoch + 1}; lower `training.learning_rate` "
+            "or raise `training.warmup_epochs`"
+        )
+    workers.sum_gradients([p for p in model.parameters() if p.requires_grad])
+    return float(stats[0])
 
 
 def _write_log(path: Path, history: list[dict[str, float]]) -> None:
@@ -126,12 +168,19 @@ def train(
         raise TrainingError("`training.device` is 'cuda' but CUDA is not available")
     dtype = getattr(torch, t.dtype)
     strategy = get_strategy(t)
+    workers = init_workers(device)
 
     cutoff = None if t.init_from is None else checkpoint_cutoff(t.init_from)
     types, datasets = load_datasets(config, cutoff)
+    if len(datasets["train"]) < workers.world_size:
+        raise TrainingError(
+            f"{len(datasets['train'])} training structures cannot be shared among "
+            f"{workers.world_size} processes"
+        )
     outdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(t.seed)
-    context = Context(config, datasets, types, outdir, progress)
+    progress = progress and workers.is_main
+    context = Context(config, datasets, types, outdir, progress, workers=workers)
     state: dict[str, Any] = {}
     start = time.perf_counter()
     if resume:
@@ -146,6 +195,7 @@ def train(
     else:
         model = strategy.initialize(context)
     model = model.to(device=device, dtype=dtype)
+    workers.broadcast_parameters(model)
     init_seconds = state.get("init_seconds", time.perf_counter() - start)
 
     history: list[dict[str, float]] = []
@@ -154,9 +204,12 @@ def train(
         history, elapsed = _run_epochs(
             model, strategy, context, state, init_seconds, on_epoch_end
         )
-    else:
+    elif workers.is_main:
         save_checkpoint(outdir / "best.ckpt", model, {"epoch": -1})
-    return finalize(
+    if not workers.is_main:
+        workers.barrier()  # rank 0 calibrates and writes model.ckpt
+        return _written_result(outdir, history)
+    result = finalize(
         config,
         outdir,
         datasets,
@@ -167,15 +220,31 @@ def train(
         calibrate,
         context.info,
     )
+    workers.barrier()
+    return result
+
+
+def _written_result(outdir: Path, history) -> TrainResult:
+    """The result rank 0 wrote, for the other processes."""
+    path = outdir / "model.ckpt"
+    state = read_checkpoint(path)
+    return TrainResult(
+        load_model(path),
+        path,
+        history,
+        state["calibration"],
+        state["metrics"],
+        state["train_seconds"],
+        state["info"],
+    )
 
 
 def _run_epochs(
     model, strategy: Strategy, context: Context, state, init_seconds, on_epoch_end
 ):
     """The loop over epochs: one optimiser, per-epoch checkpoints and logs."""
-    config, outdir = context.config, context.outdir
+    config, outdir, workers = context.config, context.outdir, context.workers
     t = config.training
-    device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(t.seed)
     optimizer = torch.optim.Adam(
@@ -193,7 +262,8 @@ def _run_epochs(
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        print(f"resuming '{outdir}' at epoch {start_epoch + 1}/{t.epochs}")
+        if workers.is_main:
+            print(f"resuming '{outdir}' at epoch {start_epoch + 1}/{t.epochs}")
     strategy.prepare(model)
     train_set, valid_set = context.datasets["train"], context.datasets["valid"]
 
@@ -208,66 +278,61 @@ def _run_epochs(
     for epoch in epochs:
         start = time.perf_counter()
         model.train()
-        train_loss, n_seen = 0.0, 0
-        for batch in iterate_batches(train_set, t.batch_size, True, generator):
-            batch = batch.to(device=device, dtype=dtype)
+        train_loss = 0.0
+        for indices in batch_indices(len(train_set), t.batch_size, True, generator):
             optimizer.zero_grad(set_to_none=True)
-            result = strategy.loss(model, batch, epoch)
-            if not torch.isfinite(result.total):
-                raise TrainingError(
-                    f"non-finite loss at epoch {epoch + 1}: {result.parts}; lower "
-                    "`training.learning_rate` or raise `training.warmup_epochs`"
-                )
-            result.total.backward()
+            train_loss += _train_step(
+                model, strategy, train_set, indices, epoch, workers, dtype
+            )
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             optimizer.step()
             strategy.after_step(model)
-            train_loss += float(result.total.detach()) * batch.n_systems
-            n_seen += batch.n_systems
         scheduler.step()
         epoch_seconds = time.perf_counter() - start
         elapsed += epoch_seconds
 
         model.eval()
         valid_loss, parts = _validation_loss(
-            model, strategy, valid_set, t.batch_size, epoch, device, dtype
+            model, strategy, valid_set, t.batch_size, epoch, workers
         )
         row = {
             "epoch": epoch + 1,
             "seconds": round(epoch_seconds, 3),
             "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": train_loss / n_seen,
+            "train_loss": train_loss / len(train_set),
             "valid_loss": valid_loss,
             **{f"valid_{k}": v for k, v in parts.items()},
         }
         history.append(row)
-        _write_log(outdir / "log.csv", history)
         epochs.set_postfix(train=f"{row['train_loss']:.4g}", valid=f"{valid_loss:.4g}")
 
-        best_path = outdir / "best.ckpt"
         if strategy.in_warmup(epoch):
             best = math.inf  # losses of the warm-up are not comparable
-        if valid_loss < best or not best_path.exists():
-            best = valid_loss
-            save_checkpoint(best_path, model, {"epoch": epoch})
-        save_checkpoint(
-            outdir / "last.ckpt",
-            model,
-            {
-                "config": config.to_dict(),
-                "epoch": epoch,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "history": history,
-                "best": best,
-                "train_seconds": elapsed,
-                "init_seconds": init_seconds,
-                "info": context.info,
-            },
-        )
+        is_best = valid_loss < best or epoch == start_epoch and not state
+        best = valid_loss if is_best else best
+        if workers.is_main:
+            _write_log(outdir / "log.csv", history)
+            if is_best or not (outdir / "best.ckpt").exists():
+                save_checkpoint(outdir / "best.ckpt", model, {"epoch": epoch})
+            save_checkpoint(
+                outdir / "last.ckpt",
+                model,
+                {
+                    "config": config.to_dict(),
+                    "epoch": epoch,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "history": history,
+                    "best": best,
+                    "train_seconds": elapsed,
+                    "init_seconds": init_seconds,
+                    "info": context.info,
+                },
+            )
+        workers.barrier()  # the checkpoints are written before anyone goes on
         if on_epoch_end is not None:
             on_epoch_end(epoch)
     return history, elapsed
