@@ -146,6 +146,27 @@ class EnsembleModel(torch.nn.Module):
         return Prediction(atomic=atomic, energies=energies, forces=member_forces)
 
     @torch.jit.unused
+    def head_design(self, batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-atom features in which the heads are linear, and per-atom offsets.
+
+        Member energies are :math:`e_i = \\phi_i \\cdot \\theta + o_i` with
+        :math:`\\theta = (w, b)`, :math:`\\phi_i = s (f_i, 1)` and the composition
+        baseline as offset :math:`o_i` (the last-layer Laplace approximation works
+        in this space).
+
+        :return: ``phi`` ``(n_atoms, F + 1)`` and offsets ``(n_atoms,)``, float64
+        """
+        with torch.no_grad():
+            species = self.species_index(batch.numbers)
+            features = self.backbone(
+                batch.pair_vectors(), batch.centers, batch.neighbors, species
+            ).double()
+        phi = self.head.energy_scale.double() * torch.cat(
+            [features, torch.ones_like(features[:, :1])], dim=1
+        )
+        return phi, self.head.composition.double()[species]
+
+    @torch.jit.unused
     def fit_baseline(
         self, counts: torch.Tensor, energies: torch.Tensor, n_atoms: torch.Tensor
     ) -> None:
