@@ -41,6 +41,15 @@ class ModelConfig:
     """Largest angular momentum of the density expansion."""
     hidden_sizes: list[int] = field(default_factory=lambda: [128, 64])
     """MLP widths; the last one is the size of the last-layer features."""
+    from_metatomic: str | None = None
+    """Extend this exported metatomic model (``.pt``, e.g. trained with metatrain)
+    instead of training a backbone: its energy is the ensemble mean, its per-atom
+    last-layer features carry the heads (strategies ``from_metatomic`` or
+    ``protocol``; see docs/metatomic-models.md). The other architecture keys are
+    then unused."""
+    features_output: str = "auto"
+    """With ``from_metatomic``: the model's per-atom last-layer feature output
+    (``auto``: ``mtt::aux::energy_last_layer_features``, else ``features``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,6 +124,8 @@ class ProtocolConfig:
     """Epochs of the final full-model fine-tune with the energy + force NLL."""
     finetune_learning_rate: float = 1e-3
     """Learning rate of the fine-tune."""
+    finetune_target: str = "full"
+    """Fine-tune the ``full`` model or the ``heads`` only."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,7 +244,7 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Confi
         if missing:
             raise ConfigError(f"missing required key `{name}.{missing[0]}`")
         if base_dir is not None:
-            for key in ("train", "valid", "test", "init_from"):
+            for key in ("train", "valid", "test", "init_from", "from_metatomic"):
                 if isinstance(kwargs.get(key), str):
                     kwargs[key] = str((base_dir / kwargs[key]).resolve())
         sections[name] = cls(**kwargs)
@@ -291,6 +302,11 @@ def _validate(config: Config) -> None:
             "mse or energy_nll",
         ),
         (
+            config.protocol.finetune_target in ("full", "heads"),
+            "protocol.finetune_target",
+            "full or heads",
+        ),
+        (
             config.protocol.finetune_epochs >= 1,
             "protocol.finetune_epochs",
             "at least 1",
@@ -306,7 +322,24 @@ def _validate(config: Config) -> None:
             f"strategy '{t.strategy}' starts from a trained model: set "
             "`training.init_from` to its checkpoint"
         )
-    if t.strategy != "mse" and config.model.num_members < 2:
+    if t.strategy == "from_metatomic" and config.model.from_metatomic is None:
+        raise ConfigError(
+            "strategy 'from_metatomic' extends an exported model: set "
+            "`model.from_metatomic` to its .pt file"
+        )
+    if (
+        t.strategy
+        not in (
+            "from_metatomic",
+            "protocol",
+        )
+        and config.model.from_metatomic is not None
+    ):
+        raise ConfigError(
+            f"`model.from_metatomic` is set, but strategy '{t.strategy}' does not use "
+            "it: use 'protocol' (or 'from_metatomic', then 'laplace' and 'finetune')"
+        )
+    if t.strategy not in ("mse", "from_metatomic") and config.model.num_members < 2:
         raise ConfigError(
             f"`model.num_members` is {config.model.num_members} but strategy "
             f"'{t.strategy}' needs at least 2 members"

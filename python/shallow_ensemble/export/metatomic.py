@@ -9,7 +9,7 @@ forces and stress come from the engine's autograd of ``energy`` (member forces f
 
 import copy
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
@@ -22,6 +22,7 @@ from metatomic.torch import (
     System,
 )
 
+from ..extended import ExtendedModel
 from ..model import EnsembleModel
 
 
@@ -37,6 +38,9 @@ REFERENCES = {
 }
 
 OUTPUT_NAMES = ["energy", "energy_uncertainty", "energy_ensemble"]
+
+#: per-atom last-layer features (the name metatrain uses), on which the heads act
+LAST_LAYER_FEATURES = "mtt::aux::energy_last_layer_features"
 
 
 class ExportedEnsemble(torch.nn.Module):
@@ -69,38 +73,15 @@ class ExportedEnsemble(torch.nn.Module):
         if len(outputs) == 0:
             return {}
         for name in outputs.keys():
-            if name not in ["energy", "energy_uncertainty", "energy_ensemble"]:
+            if name not in [
+                "energy",
+                "energy_uncertainty",
+                "energy_ensemble",
+                "mtt::aux::energy_last_layer_features",
+            ]:
                 raise ValueError(f"this model can not compute the '{name}' output")
 
-        vectors: List[torch.Tensor] = []
-        centers: List[torch.Tensor] = []
-        neighbors: List[torch.Tensor] = []
-        species: List[torch.Tensor] = []
-        system_index: List[torch.Tensor] = []
-        atom_index: List[torch.Tensor] = []
-        offset = 0
-        for i_system, system in enumerate(systems):
-            nl = system.get_neighbor_list(self.neighbors)
-            pairs = nl.samples.values
-            vectors.append(nl.values.reshape(-1, 3))
-            centers.append(pairs[:, 0].to(torch.long) + offset)
-            neighbors.append(pairs[:, 1].to(torch.long) + offset)
-            species.append(self.model.species_index(system.types.to(torch.long)))
-            n_atoms = len(system)
-            system_index.append(
-                torch.full((n_atoms,), i_system, dtype=torch.long, device=pairs.device)
-            )
-            atom_index.append(torch.arange(n_atoms, device=pairs.device))
-            offset += n_atoms
-
-        sys_idx = torch.cat(system_index)
-        atom_idx = torch.cat(atom_index)
-        atomic = self.model(
-            torch.cat(vectors),
-            torch.cat(centers),
-            torch.cat(neighbors),
-            torch.cat(species),
-        )
+        atomic, features, sys_idx, atom_idx = self.atomic_outputs(systems)
         ensemble, atom_std = self.model.calibrated_atomic_energies(atomic)
         mean = atomic.mean(dim=1)
 
@@ -111,6 +92,7 @@ class ExportedEnsemble(torch.nn.Module):
             ensemble = ensemble[keep]
             atom_std = atom_std[keep]
             mean = mean[keep]
+            features = features[keep]
 
         n_systems = len(systems)
         device = atomic.device
@@ -121,6 +103,8 @@ class ExportedEnsemble(torch.nn.Module):
                 values = mean.unsqueeze(-1)
             elif name == "energy_ensemble":
                 values = ensemble
+            elif name == "mtt::aux::energy_last_layer_features":
+                values = features
             else:
                 values = atom_std.unsqueeze(-1)
             if per_atom:
@@ -152,7 +136,11 @@ class ExportedEnsemble(torch.nn.Module):
                 )
             n_props = values.shape[1]
             properties = Labels(
-                ["energy"],
+                [
+                    "feature"
+                    if name == "mtt::aux::energy_last_layer_features"
+                    else "energy"
+                ],
                 torch.arange(n_props, dtype=torch.int32, device=device).reshape(-1, 1),
             )
             block = TensorBlock(
@@ -161,6 +149,41 @@ class ExportedEnsemble(torch.nn.Module):
             keys = Labels(["_"], torch.zeros((1, 1), dtype=torch.int32, device=device))
             result[name] = TensorMap(keys, [block])
         return result
+
+    def atomic_outputs(
+        self, systems: List[System]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-atom member energies ``(n_atoms, M)``, last-layer features, and the
+        system and atom index of each atom."""
+        vectors: List[torch.Tensor] = []
+        centers: List[torch.Tensor] = []
+        neighbors: List[torch.Tensor] = []
+        species: List[torch.Tensor] = []
+        system_index: List[torch.Tensor] = []
+        atom_index: List[torch.Tensor] = []
+        offset = 0
+        for i_system, system in enumerate(systems):
+            nl = system.get_neighbor_list(self.neighbors)
+            pairs = nl.samples.values
+            vectors.append(nl.values.reshape(-1, 3))
+            centers.append(pairs[:, 0].to(torch.long) + offset)
+            neighbors.append(pairs[:, 1].to(torch.long) + offset)
+            species.append(self.model.species_index(system.types.to(torch.long)))
+            n_atoms = len(system)
+            system_index.append(
+                torch.full((n_atoms,), i_system, dtype=torch.long, device=pairs.device)
+            )
+            atom_index.append(torch.arange(n_atoms, device=pairs.device))
+            offset += n_atoms
+
+        sys_idx = torch.cat(system_index)
+        atom_idx = torch.cat(atom_index)
+        species_all = torch.cat(species)
+        features = self.model.backbone(
+            torch.cat(vectors), torch.cat(centers), torch.cat(neighbors), species_all
+        )
+        atomic = self.model.head(features, species_all)
+        return atomic, features, sys_idx, atom_idx
 
     def _selection_mask(
         self, sys_idx: torch.Tensor, atom_idx: torch.Tensor, selected: Labels
@@ -173,6 +196,35 @@ class ExportedEnsemble(torch.nn.Module):
         key = sys_idx * n_max + atom_idx
         wanted = sel_sys * n_max + sel_atom
         return torch.isin(key, wanted)
+
+
+class ExportedExtendedEnsemble(ExportedEnsemble):
+    """:py:class:`ExportedEnsemble` of an :py:class:`~shallow_ensemble.extended.
+    ExtendedModel`: the wrapped metatomic model runs on the engine's systems (with the
+    neighbour lists it requests) and the heads add their deviations to its energy."""
+
+    def __init__(self, model: ExtendedModel) -> None:
+        super().__init__(model)
+
+    @torch.jit.export
+    def requested_neighbor_lists(self) -> List[NeighborListOptions]:
+        return self.model.backbone.neighbor_options
+
+    def atomic_outputs(
+        self, systems: List[System]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        features, base = self.model.backbone(systems)
+        atomic = self.model.head(features, base)
+        system_index: List[torch.Tensor] = []
+        atom_index: List[torch.Tensor] = []
+        for i_system, system in enumerate(systems):
+            n_atoms = len(system)
+            device = system.positions.device
+            system_index.append(
+                torch.full((n_atoms,), i_system, dtype=torch.long, device=device)
+            )
+            atom_index.append(torch.arange(n_atoms, device=device))
+        return atomic, features, torch.cat(system_index), torch.cat(atom_index)
 
 
 def capabilities(model: EnsembleModel, dtype: str) -> ModelCapabilities:
@@ -189,6 +241,11 @@ def capabilities(model: EnsembleModel, dtype: str) -> ModelCapabilities:
             unit="eV",
             sample_kind="atom",
             description=f"calibrated energies of the {model.num_members} members",
+        ),
+        LAST_LAYER_FEATURES: ModelOutput(
+            sample_kind="atom",
+            description="per-atom last-layer features shared by the heads (the "
+            "energy is linear in them)",
         ),
     }
     return ModelCapabilities(
@@ -210,21 +267,28 @@ def to_atomistic_model(
     """Wrap ``model`` (a copy, in ``dtype``) in a metatomic ``AtomisticModel``."""
     if dtype not in ("float32", "float64"):
         raise ValueError(f"`dtype` is '{dtype}' but must be 'float32' or 'float64'")
-    model = copy.deepcopy(model).to(dtype=getattr(torch, dtype), device="cpu").eval()
+    with torch.no_grad():  # copies of TorchScript parameters would not be leaves
+        model = copy.deepcopy(model)
+    model = model.to(dtype=getattr(torch, dtype), device="cpu").eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    if isinstance(model, ExtendedModel):
+        backbone = f"the metatomic model '{model.backbone.model_name}'"
+        module = ExportedExtendedEnsemble(model).eval()
+    else:
+        backbone = f"a SOAP-BPNN backbone (cutoff {model.backbone.cutoff} A)"
+        module = ExportedEnsemble(model).eval()
     metadata = ModelMetadata(
         name=name,
         description=description
         or (
-            f"shallow ensemble of {model.num_members} heads on a SOAP-BPNN backbone "
-            f"(cutoff {model.backbone.cutoff} A), calibrated on validation data; "
-            "outputs energy, energy_uncertainty and energy_ensemble"
+            f"shallow ensemble of {model.num_members} heads on {backbone}, "
+            "calibrated on validation data; outputs energy, energy_uncertainty and "
+            "energy_ensemble"
         ),
         authors=["shallow-ensemble"],
         references=REFERENCES,
     )
-    module = ExportedEnsemble(model).eval()
     return AtomisticModel(module, metadata, capabilities(model, dtype))
 
 

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 
 from ..backbones import SoapBpnn, StackedBackbone
+from ..backbones.metatomic_model import MetatomicModelBackbone
+from ..extended import ExtendedModel
 from ..model import EnsembleModel
 
 
@@ -18,6 +20,17 @@ VERSION = 1
 def model_hypers(model: EnsembleModel) -> dict[str, Any]:
     """Everything needed to rebuild ``model`` before loading its state."""
     backbone = model.backbone
+    if isinstance(backbone, MetatomicModelBackbone):
+        return {
+            "backbone": "metatomic",
+            "backbone_hypers": {
+                "cutoff": backbone.cutoff,
+                "features_output": backbone.features_output,
+                "feature_size": backbone.feature_size,
+                "model_bytes": backbone.source,
+            },
+            "num_members": model.num_members,
+        }
     if isinstance(backbone, StackedBackbone):
         return {
             "backbone": "stacked_soap_bpnn",
@@ -36,6 +49,12 @@ def model_hypers(model: EnsembleModel) -> dict[str, Any]:
 def build_model(hypers: dict[str, Any]) -> EnsembleModel:
     """Build an (untrained) model from :py:func:`model_hypers`."""
     kind = hypers.get("backbone")
+    if kind == "metatomic":
+        h = hypers["backbone_hypers"]
+        wrapped = MetatomicModelBackbone.from_bytes(
+            h["model_bytes"], h["features_output"]
+        )
+        return ExtendedModel(wrapped, int(hypers["num_members"]), h["feature_size"])
     if kind == "soap_bpnn":
         backbone = SoapBpnn(**hypers["backbone_hypers"])
     elif kind == "stacked_soap_bpnn":

@@ -1,8 +1,9 @@
 """The recommended protocol in one run: a cheap ensemble, then a force-NLL fine-tune.
 
 ``mse`` training -> Laplace sampling of the heads -> full-model fine-tune with the joint
-energy + force NLL -> calibration (or ``energy_nll`` -> fine-tune). Each stage is one
-run of the training loop in ``OUTDIR/<n>-<stage>/``; the final model is copied to
+energy + force NLL -> calibration (or ``energy_nll`` -> fine-tune). With
+``model.from_metatomic``, an exported model replaces the ``mse`` stage. Each stage is
+one run of the training loop in ``OUTDIR/<n>-<stage>/``; the final model is copied to
 ``OUTDIR/model.ckpt`` and the cost of every stage is recorded in
 ``OUTDIR/metrics.json``.
 """
@@ -20,9 +21,10 @@ def protocol_stages(config: Config) -> list[tuple[str, Config]]:
     """The configurations of each stage of ``strategy: protocol``."""
     p = config.protocol
     t = config.training
-    first = dataclasses.replace(t, strategy=p.first)
-    stages = [(p.first, dataclasses.replace(config, training=first))]
-    if p.first == "mse":
+    start = "from_metatomic" if config.model.from_metatomic is not None else p.first
+    first = dataclasses.replace(t, strategy=start)
+    stages = [(start, dataclasses.replace(config, training=first))]
+    if start in ("mse", "from_metatomic"):
         laplace = dataclasses.replace(t, strategy="laplace")
         stages.append(("laplace", dataclasses.replace(config, training=laplace)))
     finetune = dataclasses.replace(
@@ -32,7 +34,7 @@ def protocol_stages(config: Config) -> list[tuple[str, Config]]:
         warmup_epochs=0,
         learning_rate=p.finetune_learning_rate,
         heads_learning_rate=None,
-        finetune_target="full",
+        finetune_target=p.finetune_target,
     )
     stages.append(("finetune", dataclasses.replace(config, training=finetune)))
     return stages

@@ -238,6 +238,31 @@ class RandomHeadsStrategy(Strategy):
         return model
 
 
+class FromMetatomicStrategy(Strategy):
+    """An exported metatomic model as a one-member ensemble, to extend further.
+
+    Its energy is kept as the ensemble mean and its last-layer features carry the
+    heads (:py:mod:`shallow_ensemble.extended`); ``laplace`` then samples the heads
+    and ``finetune`` trains them (``strategy: protocol`` runs all three).
+    """
+
+    name = "from_metatomic"
+    trains = False
+
+    def initialize(self, context: Context) -> EnsembleModel:
+        from ..extended import extend_metatomic_model
+
+        m = context.config.model
+        assert m.from_metatomic is not None, "checked by the configuration"
+        return extend_metatomic_model(
+            m.from_metatomic,
+            context.datasets["train"],
+            features_output=m.features_output,
+            dtype=getattr(torch, self.config.dtype),
+            batch_size=self.config.batch_size,
+        )
+
+
 class DeepEnsembleStrategy(Strategy):
     """``num_members`` independently initialised MSE models, stacked into one."""
 
@@ -327,6 +352,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         EnergyForceNllStrategy,
         LaplaceStrategy,
         RandomHeadsStrategy,
+        FromMetatomicStrategy,
         DeepEnsembleStrategy,
         FinetuneStrategy,
     )
