@@ -52,6 +52,7 @@ UNITS = {
     "metal": ("angstrom", "eV"),
     "real": ("angstrom", "kcal/mol"),
     "electron": ("bohr", "Hartree"),
+    "si": ("m", "J"),
 }
 #: float64 throughout; the LAMMPS system (local + ghost atoms, no periodicity) and
 #: the periodic ASE one sum the same terms in a different order
@@ -361,7 +362,7 @@ def thermo_table(log):
 # --- tests -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("units", ["metal", "real", "electron"])
+@pytest.mark.parametrize("units", ["metal", "real", "electron", "si"])
 def test_periodic_energy_forces_pressure_uncertainty_match_ase(
     lammps_plugin, silicon_model, tmp_path, units
 ):
@@ -374,8 +375,10 @@ def test_periodic_energy_forces_pressure_uncertainty_match_ase(
     energy = unit_conversion_factor("eV", energy_unit)
     write_data(tmp_path / "si.data", atoms, ["Si"], length)
 
+    # the default skin of `units si` is 1 mm: 2 Å instead
+    skin = [f"neighbor {2.0 * length!r} bin"]
     result = lammps_plugin.python(
-        [*setup_commands(tmp_path / "si.data", silicon_model, units), "run 0"],
+        [*setup_commands(tmp_path / "si.data", silicon_model, units), *skin, "run 0"],
         tmp_path,
         compute="unc",
         pe_atom="pe_atom",
