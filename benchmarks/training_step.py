@@ -1,9 +1,16 @@
-"""Cost of one optimiser step for each training loss, measured interleaved.
+"""Cost of one optimiser step for each training loss, measured interleaved, and its
+peak memory.
 
 Builds the default model on one batch of structures and times, alternating between
 strategies (so machine noise hits all of them alike), loss + backward + Adam step for
-``mse`` (M = 1), ``energy_nll`` (M members, mean forces) and ``energy_force_nll`` (M
-members, member forces). Reports medians and ratios to the MSE step.
+``mse`` (M = 1), ``energy_nll`` (M members, mean forces), ``energy_force_nll`` (M
+members, member forces) and ``finetune`` of the heads only (member forces,
+gradients for the heads only; fine-tuning the full model costs an
+``energy_force_nll`` step). Reports medians and ratios to the MSE step, the epoch
+time they imply for ``--epoch-structures`` training structures, and, each measured
+in a fresh process, the peak resident memory a step adds to the process (the
+high-water mark, reset before the first step, minus the resident size then;
+Linux only).
 
     python benchmarks/training_step.py --data water.xyz --members 16 --batch-size 4
 
@@ -11,7 +18,10 @@ Prints a table and one line starting with ``training_step:``.
 """
 
 import argparse
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -30,6 +40,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--epoch-structures", type=int, default=None)
+    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -43,38 +55,96 @@ def main() -> None:
     types = sorted({int(z) for s in structures for z in s.numbers})
 
     runs = {}
-    for name in ("mse", "energy_nll", "energy_force_nll"):
-        training = TrainingConfig(strategy=name, warmup_epochs=0)
-        strategy = get_strategy(training)
+    for name in [args.only] if args.only else list(STRATEGIES):
+        strategy = get_strategy(TrainingConfig(warmup_epochs=0, **STRATEGIES[name]))
         torch.manual_seed(0)
         model = build_model(config, types, strategy.num_members(args.members))
         init_data_dependent(model, dataset)
         model = model.to(dtype)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        optimizer = torch.optim.Adam(strategy.param_groups(model), lr=1e-4)
+        strategy.prepare(model)
         runs[name] = (strategy, model, optimizer)
+
+    if args.only:  # a fresh process measuring one strategy's memory
+        before = _resident_mib()
+        _reset_peak()
+        for _ in range(2):
+            _step(*runs[args.only], batch)
+        print(f"peak_mib {_peak_mib() - before:.1f}")
+        return
 
     times = {name: [] for name in runs}
     for repeat in range(args.repeats + 1):
-        for name, (strategy, model, optimizer) in runs.items():
+        for name, run in runs.items():
             start = time.perf_counter()
-            optimizer.zero_grad()
-            strategy.loss(model, batch, epoch=10).total.backward()
-            optimizer.step()
+            _step(*run, batch)
             if repeat > 0:  # the first round warms up
                 times[name].append(time.perf_counter() - start)
+    memory = {name: _memory_of(name) for name in runs}
 
     n_atoms = int(batch.n_atoms.sum())
     print(
         f"{args.data}: batch of {args.batch_size} ({n_atoms} atoms), "
         f"M = {args.members}, {args.dtype}, {args.threads} threads"
     )
+    n_epoch = args.epoch_structures or len(read_structures(args.data))
+    steps = -(-n_epoch // args.batch_size)
+    print(
+        f"{'strategy':<18}{'step':>10}{'vs mse':>8}{f'epoch ({n_epoch})':>16}"
+        f"{'peak memory':>14}"
+    )
     base = statistics.median(times["mse"])
     summary = []
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:<18}{1000 * median:>10.1f} ms{median / base:>8.2f}x mse")
-        summary.append(f"{name}={median / base:.2f}x")
+        print(
+            f"{name:<18}{1000 * median:>7.1f} ms{median / base:>7.2f}x"
+            f"{steps * median:>14.1f} s{memory[name]:>10.0f} MiB"
+        )
+        summary.append(f"{name}={median / base:.2f}x/{memory[name]:.0f}MiB")
     print("training_step: " + " ".join(summary) + f" (mse step {1000 * base:.0f} ms)")
+
+
+# name -> TrainingConfig fields
+STRATEGIES = {
+    "mse": {"strategy": "mse"},
+    "energy_nll": {"strategy": "energy_nll"},
+    "energy_force_nll": {"strategy": "energy_force_nll"},
+    "finetune_heads": {"strategy": "finetune", "finetune_target": "heads"},
+}
+
+
+def _step(strategy, model, optimizer, batch) -> None:
+    optimizer.zero_grad()
+    strategy.loss(model, batch, epoch=10).total.backward()
+    optimizer.step()
+
+
+def _resident_mib() -> float:
+    with open("/proc/self/statm") as fd:
+        pages = int(fd.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def _reset_peak() -> None:
+    """Reset the process's resident high-water mark (Linux ``clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as fd:
+        fd.write("5")
+
+
+def _peak_mib() -> float:
+    with open("/proc/self/status") as fd:
+        for line in fd:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _memory_of(name: str) -> float:
+    """Peak memory of a step of ``name``, measured in a fresh process."""
+    command = [sys.executable, *sys.argv, "--only", name]
+    output = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(output.stdout.split("peak_mib")[-1])
 
 
 if __name__ == "__main__":

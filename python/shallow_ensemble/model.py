@@ -121,16 +121,30 @@ class EnsembleModel(torch.nn.Module):
             )
         species = self.species_index(batch.numbers)
         vectors = batch.pair_vectors()
-        atomic = self(vectors, batch.centers, batch.neighbors, species)
+        grad_mode = torch.is_grad_enabled()
+        if forces == "mean":  # plain autograd: one backward pass is the cheapest
+            vectors = vectors.detach().requires_grad_(True)
+        with torch.set_grad_enabled(grad_mode or forces == "mean"):
+            atomic = self(vectors, batch.centers, batch.neighbors, species)
         energies = torch.zeros(
             (batch.n_systems, atomic.shape[1]), dtype=atomic.dtype, device=atomic.device
         ).index_add(0, batch.system_index, atomic)
 
         member_forces: Optional[torch.Tensor] = None
-        if forces != "none":
+        if forces == "mean":
+            (pair_grads,) = torch.autograd.grad(
+                atomic.mean(dim=1).sum(),
+                vectors,
+                create_graph=create_graph,
+                retain_graph=create_graph or grad_mode,
+            )
+            member_forces = pair_forces_to_atoms(
+                pair_grads.unsqueeze(0), batch.centers, batch.neighbors, atomic.shape[0]
+            )
+            if not grad_mode:
+                atomic, energies = atomic.detach(), energies.detach()
+        elif forces == "members":
             cotangents = self.head.member_cotangents()
-            if forces == "mean":
-                cotangents = cotangents.mean(dim=0, keepdim=True)
             cotangents = cotangents.unsqueeze(1).expand(-1, atomic.shape[0], -1)
             pair_grads = self.backbone.vectors_vjp(
                 vectors,

@@ -233,35 +233,24 @@ class SoapBpnn(Backbone):
     ) -> torch.Tensor:
         """Pair-vector gradients for all members at once (see :py:class:`Backbone`).
 
-        Cost: one batched pass through power spectrum and MLPs for all members, and
-        one contraction with the pair Jacobian of the density; no loop over members.
+        Cost: one forward pass of power spectrum and MLPs, an explicit backward pass
+        of them for all members at once (a matrix product per layer, the cost that
+        grows with ``M``), and one contraction per ``l`` with the pair Jacobian of
+        the density, which all members share. No loop over members, no autograd
+        graph unless ``create_graph``.
         """
-        n_members = cotangents.shape[0]
         with torch.no_grad():
             density = self._density(vectors, centers, neighbors, species)
-        with torch.enable_grad():
-            replicated = [
-                c.unsqueeze(0).repeat(n_members, 1, 1, 1, 1).requires_grad_(True)
-                for c in density
-            ]
-            features = self._mlp(self._power_spectrum(replicated), species)
-            dens_grads = torch.autograd.grad(
-                (features * cotangents).sum(), replicated, create_graph=create_graph
-            )
+        with torch.set_grad_enabled(create_graph):
+            # per l: (n_slots, (m, n), n_members), differentiable in the parameters
+            density_cotangents = self._density_cotangents(density, species, cotangents)
 
-        # member cotangents of the density: (n_atoms * n_types, K, n_members)
-        cotangent = torch.cat(
-            [
-                g.permute(1, 4, 2, 3, 0).reshape(-1, g.shape[2] * g.shape[3], n_members)
-                for g in dens_grads
-            ],
-            dim=1,
-        )
-
-        # group the pairs by density slot (center atom, neighbour type), padded, so
-        # that one batched matmul contracts each slot's pairs with its cotangents
+        # group the pairs by density slot (center atom, neighbour type), padded to
+        # the largest group with vectors beyond the cutoff (whose Jacobian is zero),
+        # so that one batched matmul per l contracts each slot's pairs
+        n_members = cotangents.shape[0]
         slot = centers * self.n_types + species.index_select(0, neighbors)
-        n_slots = cotangent.shape[0]
+        n_slots = species.shape[0] * self.n_types
         order = torch.argsort(slot, stable=True)
         counts = torch.bincount(slot, minlength=n_slots)
         max_pairs = int(counts.max()) if slot.numel() > 0 else 1
@@ -271,40 +260,97 @@ class SoapBpnn(Backbone):
         dense_index = sorted_slot * max_pairs + rank
 
         with torch.no_grad():
-            jacobian = self._pair_jacobian(vectors.detach().index_select(0, order))
+            padded = vectors.new_zeros((n_slots * max_pairs, 3))
+            padded[:, 0] = 2.0 * self.cutoff
+            padded.index_copy_(0, dense_index, vectors.detach().index_select(0, order))
+            jacobians = self._pair_jacobians(padded)
+        result = torch.zeros(
+            (n_slots, max_pairs * 3, n_members),
+            dtype=vectors.dtype,
+            device=vectors.device,
+        )
+        for jacobian, cotangent in zip(jacobians, density_cotangents, strict=True):
             n_k = jacobian.shape[-1]
-            dense = jacobian.new_zeros((n_slots * max_pairs, 3, n_k))
-            dense.index_copy_(0, dense_index, jacobian)
-        result = torch.bmm(dense.reshape(n_slots, max_pairs * 3, n_k), cotangent)
+            jacobian = jacobian.reshape(n_slots, max_pairs * 3, n_k)
+            result = torch.baddbmm(result, jacobian, cotangent)
         result = result.reshape(n_slots * max_pairs, 3, n_members)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.shape[0], device=order.device)
         grads = result.index_select(0, dense_index.index_select(0, inverse))
         return grads.permute(2, 0, 1)
 
-    def _pair_jacobian(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Derivative of each pair's density contribution, ``(n_pairs, 3, K)``.
+    def _density_cotangents(
+        self, density: List[torch.Tensor], species: torch.Tensor, cotangents
+    ) -> List[torch.Tensor]:
+        """Backward pass of the MLPs and the power spectrum, for all members.
 
-        ``K`` runs over ``(l, m, n)`` in the order of :py:meth:`_density`.
+        :param density: per ``l``, ``(n_atoms, 2l+1, n_l, n_types)``
+        :param cotangents: ``(n_members, n_atoms, feature_size)``
+        :return: per ``l``, the members' cotangents of the density,
+            ``(n_atoms * n_types, (2l+1) * n_l, n_members)`` (slot-major)
+        """
+        n_members, n_atoms = cotangents.shape[0], species.shape[0]
+        x = (self._power_spectrum(density) - self.feature_shift) * self.feature_scale
+        grad_descriptor = x.new_zeros((n_members, n_atoms, self.descriptor_size))
+        for i_type, mlp in enumerate(self.mlps):
+            idx = torch.nonzero(species == i_type).reshape(-1)
+            h = x.index_select(0, idx)
+            layers, pre_activations = [], []
+            for module in mlp:
+                h = module(h)
+                if isinstance(module, torch.nn.Linear):
+                    layers.append(module)
+                    pre_activations.append(h)
+                else:
+                    assert isinstance(module, torch.nn.SiLU), "SiLU' is hard-coded"
+            u = cotangents.index_select(1, idx)
+            for i_layer in range(len(layers) - 1, -1, -1):
+                z = pre_activations[i_layer]
+                sigmoid = torch.sigmoid(z)
+                u = u * (sigmoid * (1.0 + z * (1.0 - sigmoid)))  # SiLU'
+                weight = layers[i_layer].weight
+                if i_layer == 0:  # through the standardisation too
+                    weight = weight * self.feature_scale
+                u = u @ weight
+            grad_descriptor.index_copy_(1, idx, u)
+
+        cotangents_per_l: List[torch.Tensor] = []
+        k0 = 0
+        for ell, c in enumerate(density):
+            _, m, n_l, n_types = c.shape
+            q = n_l * n_types
+            g = grad_descriptor[..., k0 : k0 + q * q].reshape(n_members, n_atoms, q, q)
+            g = (g + g.transpose(-1, -2)) / math.sqrt(2 * ell + 1)
+            dc = torch.matmul(c.reshape(n_atoms, m, q), g)  # (M, atoms, m, q)
+            dc = dc.reshape(n_members, n_atoms, m, n_l, n_types)
+            cotangents_per_l.append(
+                dc.permute(1, 4, 2, 3, 0).reshape(n_atoms * n_types, m * n_l, -1)
+            )
+            k0 += q * q
+        return cotangents_per_l
+
+    def _pair_jacobians(self, vectors: torch.Tensor) -> List[torch.Tensor]:
+        """Derivative of each pair's density contribution, per ``l``:
+        ``(n_pairs, 3, (2l+1) * n_l)``, in the ``(m, n)`` order of :py:meth:`_density`.
         """
         r = torch.linalg.vector_norm(vectors, dim=-1)
         radial, dradial = self._radial(r)
         sph, dsph = self.spherical_harmonics.compute_with_gradients(vectors)
         unit = vectors / r.unsqueeze(-1)
-        blocks = []
+        blocks: List[torch.Tensor] = []
         q0 = 0
         for ell, n_l in enumerate(self.n_per_l):
             m = 2 * ell + 1
             y = sph[:, ell * ell : ell * ell + m]
             dy = dsph[:, :, ell * ell : ell * ell + m]
-            rad = radial[:, q0 : q0 + n_l]
-            drad = dradial[:, q0 : q0 + n_l]
-            # d/dR [R_n(r) Y_m(R)] = R_n'(r) Y_m r_hat + R_n dY_m/dR
-            block = unit[:, :, None, None] * (y[:, :, None] * drad[:, None, :])[:, None]
-            block = block + dy[:, :, :, None] * rad[:, None, None, :]
-            blocks.append(block.reshape(r.shape[0], 3, m * n_l))
+            rad = radial[:, q0 : q0 + n_l].reshape(-1, 1, 1, n_l)
+            drad = dradial[:, q0 : q0 + n_l].reshape(-1, 1, 1, n_l)
+            # d/dR [R_n(r) Y_m(R)] = dY_m/dR R_n(r) + r_hat Y_m R_n'(r)
+            block = dy.unsqueeze(-1) * rad
+            block.addcmul_((unit.unsqueeze(-1) * y.unsqueeze(1)).unsqueeze(-1), drad)
+            blocks.append(block.reshape(-1, 3, m * n_l))
             q0 += n_l
-        return torch.cat(blocks, dim=-1)
+        return blocks
 
     @torch.jit.unused
     def fit_normalization(self, graphs: List[List[torch.Tensor]]) -> None:
