@@ -310,6 +310,9 @@ void PairShallowEnsemble::init_style() {
     } catch (const std::exception& e) {
         error->all(FLERR, "pair shallow/ensemble: {}", e.what());
     }
+    if (!std::isfinite(interaction_range_) || !std::isfinite(cutoff_)) {
+        error->all(FLERR, "pair shallow/ensemble: models with an infinite interaction range are not supported");
+    }
     if (cutoff_ <= 0.0) {
         error->all(FLERR, "pair shallow/ensemble: the model requests no neighbour list with a positive cutoff");
     }
@@ -380,11 +383,13 @@ void PairShallowEnsemble::compute(int eflag, int vflag) {
         auto properties = torch::make_intrusive<mts::LabelsHolder>(
             std::vector<std::string>{"distance"}, torch::zeros({1, 1}, i32)
         );
-        const int n_centers = list->inum + list->gnum;
         for (const auto& options: model_->neighbor_lists) {
             const double cutoff = options->engine_cutoff(model_->length_unit);
             const double cutoff2 = cutoff * cutoff;
             const bool full = options->full_list();
+            // pairs around ghosts too: a model may use them (message passing, or
+            // pairs between the neighbours of an atom)
+            const int n_centers = list->inum + list->gnum;
             std::vector<int32_t> samples;
             std::vector<double> vectors;
             for (int ii = 0; ii < n_centers; ii++) {
