@@ -5,10 +5,10 @@ metatrain's SOAP-BPNN. The density expansion uses the Laplacian-eigenstate radia
 of torch-spex (splined, built in float64), real spherical harmonics in plain
 TorchScript (:py:mod:`.spherical_harmonics`) and one-hot neighbour species channels.
 
-Member forces take the route measured as the cheapest in the design notes: the
-per-member cotangents are pulled back through the (cheap) power spectrum and MLPs in one
-batched autograd call, then contracted with the explicit pair Jacobian of the density
-expansion, which is computed once and shared by all members.
+Member forces take an explicit route: the per-member cotangents are pulled back through
+the MLPs and the power spectrum by hand (one matrix product per layer for all members),
+then contracted with the explicit pair Jacobian of the density expansion, which is
+computed once and shared by all members (see :py:meth:`SoapBpnn.vectors_vjp`).
 """
 
 import math
@@ -105,6 +105,10 @@ class SoapBpnn(Backbone):
         self.register_buffer("feature_scale", torch.ones(self.descriptor_size))
 
         self.feature_size = int(hidden_sizes[-1])
+        self.chunk_elements = 2**26
+        """Member forces are computed for as many members at once as keep their
+        largest intermediate (atoms x descriptor + padded pairs x 3, per member) below
+        this many numbers (256 MiB in float32); lower it for very large systems."""
         self.mlps = torch.nn.ModuleList(
             [
                 self._make_mlp(self.descriptor_size, hidden_sizes)
@@ -241,9 +245,6 @@ class SoapBpnn(Backbone):
         """
         with torch.no_grad():
             density = self._density(vectors, centers, neighbors, species)
-        with torch.set_grad_enabled(create_graph):
-            # per l: (n_slots, (m, n), n_members), differentiable in the parameters
-            density_cotangents = self._density_cotangents(density, species, cotangents)
 
         # group the pairs by density slot (center atom, neighbour type), padded to
         # the largest group with vectors beyond the cutoff (whose Jacobian is zero),
@@ -264,16 +265,24 @@ class SoapBpnn(Backbone):
             padded[:, 0] = 2.0 * self.cutoff
             padded.index_copy_(0, dense_index, vectors.detach().index_select(0, order))
             jacobians = self._pair_jacobians(padded)
-        result = torch.zeros(
-            (n_slots, max_pairs * 3, n_members),
-            dtype=vectors.dtype,
-            device=vectors.device,
-        )
-        for jacobian, cotangent in zip(jacobians, density_cotangents, strict=True):
-            n_k = jacobian.shape[-1]
-            jacobian = jacobian.reshape(n_slots, max_pairs * 3, n_k)
-            result = torch.baddbmm(result, jacobian, cotangent)
-        result = result.reshape(n_slots * max_pairs, 3, n_members)
+        jacobians = [j.reshape(n_slots, max_pairs * 3, -1) for j in jacobians]
+
+        # members in chunks, so that large systems fit in memory; the density and
+        # its Jacobian are shared by all chunks
+        per_member = species.shape[0] * self.descriptor_size + n_slots * max_pairs * 3
+        chunk = max(1, min(n_members, self.chunk_elements // max(per_member, 1)))
+        results: List[torch.Tensor] = []
+        for start in range(0, n_members, chunk):
+            with torch.set_grad_enabled(create_graph):
+                # per l: (n_slots, (m, n), chunk), differentiable in the parameters
+                density_cotangents = self._density_cotangents(
+                    density, species, cotangents[start : start + chunk]
+                )
+            result = torch.bmm(jacobians[0], density_cotangents[0])
+            for ell in range(1, len(jacobians)):
+                result = torch.baddbmm(result, jacobians[ell], density_cotangents[ell])
+            results.append(result)
+        result = torch.cat(results, dim=-1).reshape(n_slots * max_pairs, 3, n_members)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.shape[0], device=order.device)
         grads = result.index_select(0, dense_index.index_select(0, inverse))

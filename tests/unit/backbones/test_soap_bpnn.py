@@ -103,7 +103,9 @@ def test_member_forces_match_finite_differences(ethanol_frames, frame):
             )
 
 
-def test_batched_member_forces_equal_loop(silicon_frames):
+@pytest.mark.parametrize("chunk", [None, 1, 4])
+def test_batched_member_forces_equal_loop(silicon_frames, chunk):
+    """Also when the members are taken in chunks (1, 4 and 2: uneven)."""
     model = make_model([14], num_members=6)
     atoms = silicon_frames[5]
     positions, centers, neighbors, shifts, numbers = graph_of(
@@ -119,6 +121,13 @@ def test_batched_member_forces_equal_loop(silicon_frames):
     vectors = (positions[neighbors] - positions[centers] + shifts).detach()
     species = model.species_index(numbers)
     cotangents = model.head.member_cotangents().unsqueeze(1).expand(-1, len(atoms), -1)
+    if chunk is not None:
+        n_slots = len(atoms) * model.backbone.n_types
+        max_pairs = int(torch.bincount(centers).max())
+        per_member = (
+            len(atoms) * model.backbone.descriptor_size + n_slots * max_pairs * 3
+        )
+        model.backbone.chunk_elements = chunk * per_member
     pair_grads = model.backbone.vectors_vjp(
         vectors, centers, neighbors, species, cotangents
     )
