@@ -7,7 +7,8 @@ neither torch nor the package: the LAMMPS plugin brings its own libtorch.
     python lammps_runner.py SPEC.json OUT.json
 
 SPEC holds ``commands`` (a list of LAMMPS commands), and optionally ``compute`` (the
-ID of a ``compute shallow/ensemble``) and ``log`` (a log file).
+ID of a ``compute shallow/ensemble``), ``peratom`` (``{"c_ID": columns}`` to gather),
+``scalars`` (IDs of computes with a global scalar) and ``log`` (a log file).
 """
 
 import json
@@ -63,10 +64,15 @@ def main(spec_path, out_path):
         out["atom_uncertainty"] = (
             gather(lmp, f"c_{compute}", 1, 1, natoms).ravel().tolist()
         )
-    if spec.get("pe_atom") is not None:
-        out["pe_atom"] = (
-            gather(lmp, f"c_{spec['pe_atom']}", 1, 1, natoms).ravel().tolist()
-        )
+    # other per-atom quantities ({name: columns}) and global scalars of computes
+    out["peratom"] = {
+        name: gather(lmp, name, 1, columns, natoms).tolist()
+        for name, columns in spec.get("peratom", {}).items()
+    }
+    out["scalars"] = {
+        name: lmp.extract_compute(name, LMP_STYLE_GLOBAL, LMP_TYPE_SCALAR)
+        for name in spec.get("scalars", [])
+    }
 
     if lmp.extract_setting("world_rank") == 0:
         with open(out_path, "w") as file:

@@ -103,7 +103,9 @@ class Lammps:
         self.mpirun = mpirun
         self.env = env
 
-    def python(self, commands, folder, nprocs=1, compute=None, pe_atom=None):
+    def python(
+        self, commands, folder, nprocs=1, compute=None, peratom=None, scalars=()
+    ):
         """Run ``commands`` through the Python module; the runner's JSON."""
         spec = folder / f"spec-{nprocs}.json"
         out = folder / f"out-{nprocs}.json"
@@ -112,7 +114,8 @@ class Lammps:
                 {
                     "commands": [f"plugin load {self.plugin}", *commands],
                     "compute": compute,
-                    "pe_atom": pe_atom,
+                    "peratom": peratom or {},
+                    "scalars": list(scalars),
                     "log": str(folder / f"log-{nprocs}.lammps"),
                 }
             )
@@ -315,7 +318,9 @@ def python_reference(model_path, atoms):
         [atoms],
         {"energy": "atom", "energy_uncertainty": "atom", "energy_ensemble": "system"},
     )
-    system, _ = run_model(model, [atoms], {"energy_uncertainty": "system"})
+    system, _ = run_model(
+        model, [atoms], {"energy_uncertainty": "system", "energy_ensemble": "atom"}
+    )
     return {
         "energy": atoms.get_potential_energy(),
         "forces": atoms.get_forces(),
@@ -327,6 +332,7 @@ def python_reference(model_path, atoms):
         .numpy()
         .ravel(),
         "members": outputs["energy_ensemble"].block().values.detach().numpy().ravel(),
+        "atom_members": system["energy_ensemble"].block().values.detach().numpy(),
         "spread": float(system["energy_uncertainty"].block().values),
     }
 
@@ -367,8 +373,9 @@ def test_periodic_energy_forces_pressure_uncertainty_match_ase(
     lammps_plugin, silicon_model, tmp_path, units
 ):
     """A triclinic periodic silicon cell, `run 0`: the energy, forces, pressure
-    tensor, per-atom energies and uncertainties and the whole-system spread are the
-    ASE/Python values converted to the LAMMPS units with metatomic's factors."""
+    tensor, per-atom energies, uncertainties and members, and the whole-system spread
+    are the ASE/Python values converted to the LAMMPS units with metatomic's factors;
+    the compute on a group gives the spread of that group's summed members."""
     atoms = lammps_oriented(ase.io.read(SILICON, TRICLINIC))
     length_unit, energy_unit = UNITS[units]
     length = unit_conversion_factor("angstrom", length_unit)
@@ -377,19 +384,39 @@ def test_periodic_energy_forces_pressure_uncertainty_match_ase(
 
     # the default skin of `units si` is 1 mm: 2 Å instead
     skin = [f"neighbor {2.0 * length!r} bin"]
+    group = [
+        "group first id <= 20",
+        "compute members all shallow/ensemble members",
+        "compute first first shallow/ensemble",
+    ]
     result = lammps_plugin.python(
-        [*setup_commands(tmp_path / "si.data", silicon_model, units), *skin, "run 0"],
+        [
+            *setup_commands(tmp_path / "si.data", silicon_model, units),
+            *skin,
+            *group,
+            "run 0",
+        ],
         tmp_path,
         compute="unc",
-        pe_atom="pe_atom",
+        peratom={"c_pe_atom": 1, "c_members": 5},
+        scalars=["first"],
     )
     expected = python_reference(silicon_model, atoms)
 
     assert result["ids"] == list(range(1, len(atoms) + 1))
     assert_close(result["pe"], energy * expected["energy"], what="energy")
     assert_close(
-        result["pe_atom"], energy * expected["energy_per_atom"], what="pe/atom"
+        result["peratom"]["c_pe_atom"],
+        energy * expected["energy_per_atom"][:, None],
+        what="pe/atom",
     )
+    members = energy * expected["atom_members"]
+    assert members.shape == (len(atoms), 4)
+    columns = np.asarray(result["peratom"]["c_members"])
+    assert_close(columns[:, 0], result["atom_uncertainty"], what="members column 1")
+    assert_close(columns[:, 1:], members, what="per-atom members")
+    first = members[:20].sum(axis=0).std(ddof=1)
+    assert_close(result["scalars"]["first"], first, what="group spread")
     force_error = assert_close(
         result["forces"], energy / length * expected["forces"], what="forces"
     )
