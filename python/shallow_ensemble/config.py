@@ -49,7 +49,7 @@ class ModelConfig:
     then unused."""
     features_output: str = "auto"
     """With ``from_metatomic``: the model's per-atom last-layer feature output
-    (``auto``: ``mtt::aux::energy_last_layer_features``, else ``features``)."""
+    (``auto``: ``mtt::aux::energy_last_layer_features``, else ``feature``)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,7 +28,7 @@ from metatomic.torch import (
 
 
 #: last-layer feature outputs tried, in this order, when ``features_output`` is auto
-FEATURE_OUTPUTS = ["mtt::aux::energy_last_layer_features", "features"]
+FEATURE_OUTPUTS = ["mtt::aux::energy_last_layer_features", "feature", "features"]
 
 
 class MetatomicModelError(ValueError):
