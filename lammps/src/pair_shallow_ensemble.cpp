@@ -179,6 +179,8 @@ void PairShallowEnsemble::settings(int narg, char** arg) {
     }
     std::string path = arg[0];
     std::optional<std::string> extensions;
+    check_consistency_ = false;  // defaults, also when pair_style is given again
+    uncertainty_requested_ = true;
     for (int iarg = 1; iarg < narg; iarg += 2) {
         std::string keyword = arg[iarg];
         if (iarg + 1 >= narg) {
