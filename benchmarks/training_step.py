@@ -18,13 +18,11 @@ Prints a table and one line starting with ``training_step:``.
 """
 
 import argparse
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
+from _memory import peak_extra_in_fresh_process, peak_extra_mib
 
 from shallow_ensemble.config import TrainingConfig
 from shallow_ensemble.data import GraphDataset, collate, read_structures
@@ -66,11 +64,8 @@ def main() -> None:
         runs[name] = (strategy, model, optimizer)
 
     if args.only:  # a fresh process measuring one strategy's memory
-        before = _resident_mib()
-        _reset_peak()
-        for _ in range(2):
-            _step(*runs[args.only], batch)
-        print(f"peak_mib {_peak_mib() - before:.1f}")
+        extra = peak_extra_mib(lambda: [_step(*runs[args.only], batch) for _ in "12"])
+        print(f"peak_mib {extra:.1f}")
         return
 
     times = {name: [] for name in runs}
@@ -80,7 +75,7 @@ def main() -> None:
             _step(*run, batch)
             if repeat > 0:  # the first round warms up
                 times[name].append(time.perf_counter() - start)
-    memory = {name: _memory_of(name) for name in runs}
+    memory = {name: peak_extra_in_fresh_process("--only", name) for name in runs}
 
     n_atoms = int(batch.n_atoms.sum())
     print(
@@ -118,34 +113,3 @@ def _step(strategy, model, optimizer, batch) -> None:
     optimizer.zero_grad()
     strategy.loss(model, batch, epoch=10).total.backward()
     optimizer.step()
-
-
-def _resident_mib() -> float:
-    with open("/proc/self/statm") as fd:
-        pages = int(fd.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
-
-
-def _reset_peak() -> None:
-    """Reset the process's resident high-water mark (Linux ``clear_refs``)."""
-    with open("/proc/self/clear_refs", "w") as fd:
-        fd.write("5")
-
-
-def _peak_mib() -> float:
-    with open("/proc/self/status") as fd:
-        for line in fd:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _memory_of(name: str) -> float:
-    """Peak memory of a step of ``name``, measured in a fresh process."""
-    command = [sys.executable, *sys.argv, "--only", name]
-    output = subprocess.run(command, capture_output=True, text=True, check=True)
-    return float(output.stdout.split("peak_mib")[-1])
-
-
-if __name__ == "__main__":
-    main()
