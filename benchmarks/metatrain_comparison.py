@@ -168,6 +168,10 @@ def main() -> None:
     parser.add_argument("--pet-epochs", type=int, default=30)
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--finetune-target", default="full")
+    parser.add_argument("--finetune-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--regularizer", default="auto", help="laplace.regularizer (auto, fit, value)"
+    )
     parser.add_argument("--llpr-epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
@@ -242,25 +246,28 @@ def main() -> None:
                 "num_members": args.members,
             },
             "training": {"strategy": "protocol", "batch_size": 8},
+            "laplace": {"regularizer": args.regularizer},
             "protocol": {
                 "finetune_epochs": args.finetune_epochs,
                 "finetune_target": args.finetune_target,
+                "finetune_learning_rate": args.finetune_lr,
             },
         }
     )
     start = time.perf_counter()
-    result = run_protocol(config, out / "ours", overwrite=True, progress=False)
+    ours = out / f"ours-{args.finetune_target}-{args.finetune_lr:g}"
+    result = run_protocol(config, ours, overwrite=True, progress=False)
     total = time.perf_counter() - start
     stages = result.info["stages"]
     for label, checkpoint, seconds in (
         (
             "ours: laplace",
-            out / "ours" / "2-laplace" / "model.ckpt",
+            ours / "2-laplace" / "model.ckpt",
             stages["from_metatomic"]["seconds"] + stages["laplace"]["seconds"],
         ),
         (
             f"ours: laplace + finetune ({args.finetune_target}, "
-            f"{args.finetune_epochs} epochs)",
+            f"{args.finetune_epochs} epochs, lr {args.finetune_lr:g})",
             result.checkpoint,
             total,
         ),

@@ -137,9 +137,7 @@ def test_member_forces_match_finite_differences(laplace_model, datasets):
             shifted.positions[atom, axis] += sign * h
             energies.append(laplace_model.predict(shifted).energies[0].detach())
         numeric = -(energies[0] - energies[1]) / (2 * h)
-        torch.testing.assert_close(
-            forces[:, atom, axis], numeric, rtol=1e-6, atol=1e-7
-        )
+        torch.testing.assert_close(forces[:, atom, axis], numeric, rtol=1e-6, atol=1e-7)
 
 
 def test_batched_and_looped_member_forces_agree(laplace_model, datasets):
@@ -213,9 +211,7 @@ def test_export_selected_atoms_sum_to_whole(extended_file, ethanol_frames):
     whole, _ = run_model(model, [atoms], {"energy_ensemble": "system"})
     total = 0
     for selection in (range(0, 9, 2), range(1, 9, 2)):
-        labels = Labels(
-            ["system", "atom"], torch.tensor([[0, a] for a in selection])
-        )
+        labels = Labels(["system", "atom"], torch.tensor([[0, a] for a in selection]))
         part, _ = run_model(
             model, [atoms], {"energy_ensemble": "system"}, selected_atoms=labels
         )
@@ -333,7 +329,45 @@ def test_protocol_heads_only_keeps_the_mean(base_file, structures, tmp_path):
     before = laplace.predict(batch).energies
     after = final.predict(batch).energies
     assert (after - before).abs().max() > 1e-6  # the heads were trained
-    torch.testing.assert_close(
-        after.mean(dim=1), before.mean(dim=1), rtol=0, atol=1e-9
-    )
+    torch.testing.assert_close(after.mean(dim=1), before.mean(dim=1), rtol=0, atol=1e-9)
     assert 0 < result.calibration["alpha_forces"] < 1e3
+
+
+def test_example_configuration_through_the_command_line(base_file, tmp_path, capsys):
+    """examples/extend-metatomic.yaml, shortened, with `train`, `export`, `evaluate`;
+    a clear error for a model without last-layer features."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import ase.io
+
+    from shallow_ensemble.cli.__main__ import main
+
+    example = Path(__file__).parents[2] / "examples" / "extend-metatomic.yaml"
+    shutil.copy(example, tmp_path / "config.yaml")
+    shutil.copy(base_file, tmp_path / "model.pt")
+    frames = ase.io.read(ETHANOL, ":28")
+    ase.io.write(tmp_path / "train.xyz", frames[:16])
+    ase.io.write(tmp_path / "valid.xyz", frames[16:24])
+    ase.io.write(tmp_path / "test.xyz", frames[24:])
+    overrides = ["--set", "model.num_members=4", "--set", "protocol.finetune_epochs=1"]
+    run = tmp_path / "run"
+    assert (
+        main(["train", str(tmp_path / "config.yaml"), "-o", str(run), *overrides]) == 0
+    )
+    assert main(["export", str(run / "model.ckpt"), "-o", str(tmp_path / "x.pt")]) == 0
+    report = tmp_path / "test.json"
+    command = ["evaluate", str(tmp_path / "x.pt"), str(tmp_path / "test.xyz")]
+    assert main([*command, "--json", str(report)]) == 0
+    metrics = json.loads(report.read_text())
+    assert metrics["forces"]["rmse"] > 0 and np.isfinite(metrics["forces"]["rll"])
+
+    outputs = dict(load_atomistic_model(str(base_file)).capabilities().outputs)
+    del outputs["mtt::aux::energy_last_layer_features"]
+    _modified_copy(base_file, tmp_path, outputs).replace(tmp_path / "model.pt")
+    capsys.readouterr()
+    assert (
+        main(["train", str(tmp_path / "config.yaml"), "-o", str(tmp_path / "r2")]) == 1
+    )
+    assert "no last-layer features output" in capsys.readouterr().err
