@@ -636,29 +636,35 @@ print "STOPPED AT $(step)"
 
 
 @pytest.mark.parametrize(
-    "change, message",
+    "units, newton, options, coeff, message",
     [
-        ("newton off", "requires newton_pair on"),
-        ("units lj", "units lj are not supported"),
+        ("metal", "off", "", "Si", "requires newton_pair on"),
+        ("lj", "on", "", "Si", "units lj are not supported"),
+        ("metal", "on", "", "C", "does not support atomic type 6"),
+        ("metal", "on", "uncertainty off", "14", "has no energy_uncertainty"),
     ],
 )
 def test_unsupported_settings_are_errors(
-    lammps_plugin, silicon_model, tmp_path, change, message
+    lammps_plugin, silicon_model, tmp_path, units, newton, options, coeff, message
 ):
+    """Settings the plugin can not honour stop LAMMPS with a message that says why:
+    newton_pair off, unit styles metatomic can not express, an element the model
+    does not know, and the compute without the uncertainty outputs."""
     atoms = lammps_oriented(ase.io.read(SILICON, CUBIC))
     write_data(tmp_path / "si.data", atoms, ["Si"])
-    units = change.split()[1] if change.startswith("units") else "metal"
     script = f"""
 units {units}
-{change if change.startswith("newton") else ""}
+newton {newton}
 boundary p p p
 atom_style atomic
 read_data si.data
 plugin load {lammps_plugin.plugin}
-pair_style shallow/ensemble {silicon_model}
-pair_coeff * * Si
+pair_style shallow/ensemble {silicon_model} {options}
+pair_coeff * * {coeff}
+compute uq all shallow/ensemble
 run 0
 """
     process = lammps_plugin.executable(script, tmp_path, check=False)
     assert process.returncode != 0
+    assert "ERROR" in process.stdout + process.stderr
     assert message in process.stdout + process.stderr
