@@ -14,7 +14,6 @@ trains the deviations (heads only) or also the wrapped TorchScript module's
 parameters (full) with the joint energy + force NLL.
 """
 
-
 import torch
 from metatomic.torch import System
 
