@@ -221,3 +221,22 @@ def test_other_atomic_types_are_an_error(pet_run):
     silicon = GraphDataset(read_structures(SILICON)[:2], 4.0)
     with pytest.raises(MetatomicModelError, match=r"atomic types \[14\]"):
         extend_metatomic_model(pet_run / "pet.pt", silicon)
+
+
+def test_training_mode_does_not_change_the_wrapped_model(pet_run, full_run):
+    """metatrain models leave out their composition baseline in training mode; the
+    adapter keeps the wrapped module in evaluation mode while the heads train."""
+    from shallow_ensemble.data import collate
+
+    model = load_model(pet_run / "full" / "2-laplace" / "model.ckpt")
+    graphs = GraphDataset(read_structures(str(pet_run / "train.xyz"))[:4], 4.0).graphs
+    batch = collate(graphs)
+    model.eval()
+    reference = model.predict(batch, forces="members")
+    model.train()
+    assert model.training and not model.backbone.module.training
+    training = model.predict(batch, forces="members")
+    torch.testing.assert_close(
+        training.energies, reference.energies, rtol=1e-12, atol=1e-9
+    )
+    torch.testing.assert_close(training.forces, reference.forces, rtol=0, atol=1e-9)

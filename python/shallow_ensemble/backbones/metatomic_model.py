@@ -151,6 +151,15 @@ class MetatomicModelBackbone(torch.nn.Module):
         finally:
             os.remove(tmp)
 
+    @torch.jit.unused
+    def train(self, mode: bool = True):
+        """The wrapped module always runs in evaluation mode: exported models may
+        compute something else in training mode (metatrain models then leave out
+        their composition baseline and scaling, which their own trainer handles)."""
+        super().train(mode)
+        self.module.eval()
+        return self
+
     def forward(self, systems: List[System]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-atom features ``(n_atoms, F)`` and energies ``(n_atoms,)``, eV, in the
         order of the atoms of ``systems`` (concatenated)."""
