@@ -12,7 +12,7 @@ computed once and shared by all members (see :py:meth:`SoapBpnn.vectors_vjp`).
 """
 
 import math
-from typing import List
+from typing import List, Tuple
 
 import torch
 
@@ -243,12 +243,10 @@ class SoapBpnn(Backbone):
         the density, which all members share. No loop over members, no autograd
         graph unless ``create_graph``.
         """
-        with torch.no_grad():
-            density = self._density(vectors, centers, neighbors, species)
-
         # group the pairs by density slot (center atom, neighbour type), padded to
-        # the largest group with vectors beyond the cutoff (whose Jacobian is zero),
-        # so that one batched matmul per l contracts each slot's pairs
+        # the largest group with vectors beyond the cutoff (whose radial functions
+        # and Jacobian are zero), so that one batched matmul per l and slot builds
+        # the density, and another contracts the Jacobian with the cotangents
         n_members = cotangents.shape[0]
         slot = centers * self.n_types + species.index_select(0, neighbors)
         n_slots = species.shape[0] * self.n_types
@@ -264,8 +262,7 @@ class SoapBpnn(Backbone):
             padded = vectors.new_zeros((n_slots * max_pairs, 3))
             padded[:, 0] = 2.0 * self.cutoff
             padded.index_copy_(0, dense_index, vectors.detach().index_select(0, order))
-            jacobians = self._pair_jacobians(padded)
-        jacobians = [j.reshape(n_slots, max_pairs * 3, -1) for j in jacobians]
+            density, jacobians = self._slot_density_and_jacobians(padded, n_slots)
 
         # members in chunks, so that large systems fit in memory; the density and
         # its Jacobian are shared by all chunks
@@ -338,28 +335,48 @@ class SoapBpnn(Backbone):
             k0 += q * q
         return cotangents_per_l
 
-    def _pair_jacobians(self, vectors: torch.Tensor) -> List[torch.Tensor]:
-        """Derivative of each pair's density contribution, per ``l``:
-        ``(n_pairs, 3, (2l+1) * n_l)``, in the ``(m, n)`` order of :py:meth:`_density`.
+    def _slot_density_and_jacobians(
+        self, vectors: torch.Tensor, n_slots: int
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Density and pair Jacobians from pairs laid out slot by slot.
+
+        :param vectors: ``(n_slots * max_pairs, 3)``, the pairs of each (centre,
+            neighbour type) slot in turn, padded with vectors beyond the cutoff
+        :return: per ``l``, the density ``(n_atoms, 2l+1, n_l, n_types)`` as
+            :py:meth:`_density` gives it, and the derivative of each pair's density
+            contribution, ``(n_slots, max_pairs * 3, (2l+1) * n_l)``
         """
+        n_pairs = vectors.shape[0]
+        max_pairs = n_pairs // n_slots
+        n_atoms = n_slots // self.n_types
         r = torch.linalg.vector_norm(vectors, dim=-1)
         radial, dradial = self._radial(r)
         sph, dsph = self.spherical_harmonics.compute_with_gradients(vectors)
         unit = vectors / r.unsqueeze(-1)
-        blocks: List[torch.Tensor] = []
+        density: List[torch.Tensor] = []
+        jacobians: List[torch.Tensor] = []
         q0 = 0
         for ell, n_l in enumerate(self.n_per_l):
             m = 2 * ell + 1
             y = sph[:, ell * ell : ell * ell + m]
             dy = dsph[:, :, ell * ell : ell * ell + m]
-            rad = radial[:, q0 : q0 + n_l].reshape(-1, 1, 1, n_l)
-            drad = dradial[:, q0 : q0 + n_l].reshape(-1, 1, 1, n_l)
+            rad = radial[:, q0 : q0 + n_l]
+            drad = dradial[:, q0 : q0 + n_l]
+            # c[slot, m, n] = sum over the slot's pairs of Y_m R_n
+            c = torch.bmm(
+                y.reshape(n_slots, max_pairs, m).transpose(1, 2),
+                rad.reshape(n_slots, max_pairs, n_l),
+            )
+            density.append(c.reshape(n_atoms, self.n_types, m, n_l).permute(0, 2, 3, 1))
             # d/dR [R_n(r) Y_m(R)] = dY_m/dR R_n(r) + r_hat Y_m R_n'(r)
-            block = dy.unsqueeze(-1) * rad
-            block.addcmul_((unit.unsqueeze(-1) * y.unsqueeze(1)).unsqueeze(-1), drad)
-            blocks.append(block.reshape(-1, 3, m * n_l))
+            block = dy.unsqueeze(-1) * rad.reshape(-1, 1, 1, n_l)
+            block.addcmul_(
+                (unit.unsqueeze(-1) * y.unsqueeze(1)).unsqueeze(-1),
+                drad.reshape(-1, 1, 1, n_l),
+            )
+            jacobians.append(block.reshape(n_slots, max_pairs * 3, m * n_l))
             q0 += n_l
-        return blocks
+        return density, jacobians
 
     @torch.jit.unused
     def fit_normalization(self, graphs: List[List[torch.Tensor]]) -> None:
