@@ -113,3 +113,7 @@ def _step(strategy, model, optimizer, batch) -> None:
     optimizer.zero_grad()
     strategy.loss(model, batch, epoch=10).total.backward()
     optimizer.step()
+
+
+if __name__ == "__main__":
+    main()
