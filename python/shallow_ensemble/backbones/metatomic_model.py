@@ -131,7 +131,7 @@ class MetatomicModelBackbone(torch.nn.Module):
             "energy": ModelOutput(unit="eV", sample_kind="atom"),
             self.features_output: ModelOutput(sample_kind="atom"),
         }
-        self.feature_size = 0  # known after the first evaluation, see `probe`
+        self.feature_size = 0  # set by ExtendedModel, once the size is known
 
     @classmethod
     def from_file(cls, path: str | Path, features_output: str = "auto"):
