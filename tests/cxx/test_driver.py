@@ -7,9 +7,7 @@ These tests skip only when cmake or a C++ compiler is missing.
 
 import json
 import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import ase.io
 import numpy as np
@@ -17,6 +15,7 @@ import pytest
 import torch
 from metatensor.torch import Labels
 
+from cmake_build import ROOT, build_target
 from conftest import ETHANOL, SILICON
 from shallow_ensemble.backbones import SoapBpnn
 from shallow_ensemble.export import export_model
@@ -24,7 +23,6 @@ from shallow_ensemble.export.predict import load_exported, run_model
 from shallow_ensemble.model import EnsembleModel
 
 
-ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "build" / "cxx-tests"
 RTOL = 1e-10
 SYSTEM_OUTPUTS = {
@@ -41,71 +39,10 @@ ATOM_OUTPUTS = {
 NO_AUTOGRAD = "autograd kernel was not registered"
 
 
-def _compiler():
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _prefix_path():
-    import metatensor
-    import metatensor.torch
-    import metatomic.torch
-
-    return ";".join(
-        [
-            torch.utils.cmake_prefix_path,
-            metatensor.utils.cmake_prefix_path,
-            metatensor.torch.utils.cmake_prefix_path,
-            metatomic.torch.utils.cmake_prefix_path,
-        ]
-    )
-
-
-def _run_checked(command):
-    process = subprocess.run(command, capture_output=True, text=True, timeout=1800)
-    if process.returncode != 0:
-        pytest.fail(
-            f"`{' '.join(map(str, command))}` failed:\n"
-            f"{process.stdout[-5000:]}\n{process.stderr[-5000:]}"
-        )
-
-
 @pytest.fixture(scope="session")
 def driver():
     """Path to the built ``shallow-ensemble-driver`` (configured from the root)."""
-    if shutil.which("cmake") is None:
-        pytest.skip("cmake is not installed")
-    compiler = _compiler()
-    if compiler is None:
-        pytest.skip("no C++ compiler (c++, g++ or clang++) is installed")
-    import vesin
-
-    _run_checked(
-        [
-            "cmake",
-            "-S",
-            ROOT,
-            "-B",
-            BUILD,
-            "-DCMAKE_BUILD_TYPE=Release",
-            f"-DCMAKE_CXX_COMPILER={compiler}",
-            f"-DCMAKE_PREFIX_PATH={_prefix_path()}",
-            f"-DVESIN_PREFIX={os.path.dirname(vesin.__file__)}",
-        ]
-    )
-    _run_checked(
-        [
-            "cmake",
-            "--build",
-            BUILD,
-            "--target",
-            "shallow-ensemble-driver",
-            "--parallel",
-            "2",
-        ]
-    )
+    build_target(BUILD, "shallow-ensemble-driver")
     path = BUILD / "cxx" / "shallow-ensemble-driver"
     assert path.is_file()
     return path

