@@ -20,6 +20,11 @@ from ._base import Backbone
 from .spherical_harmonics import SphericalHarmonics
 
 
+BLOCK = 8
+"""Pairs per block in the member-force route: pairs are grouped by (centre,
+neighbour type) slot into blocks of this size, the last one of each slot padded."""
+
+
 def _spline_tables(cutoff: float, max_radial: int, max_angular: int):
     """Build the Laplacian-eigenstate spline tables in float64 with torch-spex."""
     from spex.radial.physical import LaplacianEigenstates
@@ -109,6 +114,8 @@ class SoapBpnn(Backbone):
         """Member forces are computed for as many members at once as keep their
         largest intermediate (atoms x descriptor + padded pairs x 3, per member) below
         this many numbers (256 MiB in float32); lower it for very large systems."""
+        self.member_chunk = 0
+        """Members per chunk for member forces; 0 chooses from ``chunk_elements``."""
         self.mlps = torch.nn.ModuleList(
             [
                 self._make_mlp(self.descriptor_size, hidden_sizes)
@@ -243,31 +250,42 @@ class SoapBpnn(Backbone):
         the density, which all members share. No loop over members, no autograd
         graph unless ``create_graph``.
         """
-        # group the pairs by density slot (center atom, neighbour type), padded to
-        # the largest group with vectors beyond the cutoff (whose radial functions
-        # and Jacobian are zero), so that one batched matmul per l and slot builds
-        # the density, and another contracts the Jacobian with the cotangents
+        # group the pairs by density slot (center atom, neighbour type) in blocks of
+        # BLOCK pairs, padded with vectors beyond the cutoff (whose radial functions
+        # and Jacobian are zero), so that batched matmuls over blocks build the
+        # density and contract the Jacobian with the members' cotangents
         n_members = cotangents.shape[0]
-        slot = centers * self.n_types + species.index_select(0, neighbors)
         n_slots = species.shape[0] * self.n_types
+        slot = centers * self.n_types + species.index_select(0, neighbors)
         order = torch.argsort(slot, stable=True)
-        counts = torch.bincount(slot, minlength=n_slots)
-        max_pairs = int(counts.max()) if slot.numel() > 0 else 1
-        starts = torch.cumsum(counts, 0) - counts
         sorted_slot = slot.index_select(0, order)
-        rank = torch.arange(slot.shape[0], device=slot.device) - starts[sorted_slot]
-        dense_index = sorted_slot * max_pairs + rank
+        counts = torch.bincount(slot, minlength=n_slots)
+        blocks = (counts + BLOCK - 1) // BLOCK
+        first_block = torch.cumsum(blocks, 0) - blocks
+        block_slot = torch.repeat_interleave(
+            torch.arange(n_slots, device=slot.device), blocks
+        )
+        rank = torch.arange(slot.shape[0], device=slot.device) - (
+            torch.cumsum(counts, 0) - counts
+        ).index_select(0, sorted_slot)
+        dense_index = first_block.index_select(0, sorted_slot) * BLOCK + rank
+        n_blocks = block_slot.shape[0]
 
         with torch.no_grad():
-            padded = vectors.new_zeros((n_slots * max_pairs, 3))
+            padded = vectors.new_zeros((n_blocks * BLOCK, 3))
             padded[:, 0] = 2.0 * self.cutoff
             padded.index_copy_(0, dense_index, vectors.detach().index_select(0, order))
-            density, jacobians = self._slot_density_and_jacobians(padded, n_slots)
+            density, jacobians = self._block_density_and_jacobians(
+                padded, block_slot, n_slots
+            )
 
         # members in chunks, so that large systems fit in memory; the density and
         # its Jacobian are shared by all chunks
-        per_member = species.shape[0] * self.descriptor_size + n_slots * max_pairs * 3
-        chunk = max(1, min(n_members, self.chunk_elements // max(per_member, 1)))
+        chunk = self.member_chunk
+        if chunk <= 0:
+            per_member = species.shape[0] * self.descriptor_size + n_blocks * BLOCK * 3
+            chunk = self.chunk_elements // max(per_member, 1)
+        chunk = max(1, min(n_members, chunk))
         results: List[torch.Tensor] = []
         for start in range(0, n_members, chunk):
             with torch.set_grad_enabled(create_graph):
@@ -275,11 +293,15 @@ class SoapBpnn(Backbone):
                 density_cotangents = self._density_cotangents(
                     density, species, cotangents[start : start + chunk]
                 )
-            result = torch.bmm(jacobians[0], density_cotangents[0])
-            for ell in range(1, len(jacobians)):
-                result = torch.baddbmm(result, jacobians[ell], density_cotangents[ell])
+            result = torch.zeros(0)
+            for ell, jacobian in enumerate(jacobians):
+                cotangent = density_cotangents[ell].index_select(0, block_slot)
+                if ell == 0:
+                    result = torch.bmm(jacobian, cotangent)
+                else:
+                    result = torch.baddbmm(result, jacobian, cotangent)
             results.append(result)
-        result = torch.cat(results, dim=-1).reshape(n_slots * max_pairs, 3, n_members)
+        result = torch.cat(results, dim=-1).reshape(n_blocks * BLOCK, 3, n_members)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.shape[0], device=order.device)
         grads = result.index_select(0, dense_index.index_select(0, inverse))
@@ -335,19 +357,19 @@ class SoapBpnn(Backbone):
             k0 += q * q
         return cotangents_per_l
 
-    def _slot_density_and_jacobians(
-        self, vectors: torch.Tensor, n_slots: int
+    def _block_density_and_jacobians(
+        self, vectors: torch.Tensor, block_slot: torch.Tensor, n_slots: int
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """Density and pair Jacobians from pairs laid out slot by slot.
+        """Density and pair Jacobians from pairs laid out in blocks of one slot each.
 
-        :param vectors: ``(n_slots * max_pairs, 3)``, the pairs of each (centre,
-            neighbour type) slot in turn, padded with vectors beyond the cutoff
+        :param vectors: ``(n_blocks * BLOCK, 3)``, each block holding pairs of one
+            (centre, neighbour type) slot, padded with vectors beyond the cutoff
+        :param block_slot: ``(n_blocks,)``, the slot of each block
         :return: per ``l``, the density ``(n_atoms, 2l+1, n_l, n_types)`` as
             :py:meth:`_density` gives it, and the derivative of each pair's density
-            contribution, ``(n_slots, max_pairs * 3, (2l+1) * n_l)``
+            contribution, ``(n_blocks, BLOCK * 3, (2l+1) * n_l)``
         """
-        n_pairs = vectors.shape[0]
-        max_pairs = n_pairs // n_slots
+        n_blocks = block_slot.shape[0]
         n_atoms = n_slots // self.n_types
         r = torch.linalg.vector_norm(vectors, dim=-1)
         radial, dradial = self._radial(r)
@@ -364,9 +386,10 @@ class SoapBpnn(Backbone):
             drad = dradial[:, q0 : q0 + n_l]
             # c[slot, m, n] = sum over the slot's pairs of Y_m R_n
             c = torch.bmm(
-                y.reshape(n_slots, max_pairs, m).transpose(1, 2),
-                rad.reshape(n_slots, max_pairs, n_l),
+                y.reshape(n_blocks, BLOCK, m).transpose(1, 2),
+                rad.reshape(n_blocks, BLOCK, n_l),
             )
+            c = c.new_zeros((n_slots, m, n_l)).index_add_(0, block_slot, c)
             density.append(c.reshape(n_atoms, self.n_types, m, n_l).permute(0, 2, 3, 1))
             # d/dR [R_n(r) Y_m(R)] = dY_m/dR R_n(r) + r_hat Y_m R_n'(r)
             block = dy.unsqueeze(-1) * rad.reshape(-1, 1, 1, n_l)
@@ -374,7 +397,7 @@ class SoapBpnn(Backbone):
                 (unit.unsqueeze(-1) * y.unsqueeze(1)).unsqueeze(-1),
                 drad.reshape(-1, 1, 1, n_l),
             )
-            jacobians.append(block.reshape(n_slots, max_pairs * 3, m * n_l))
+            jacobians.append(block.reshape(n_blocks, BLOCK * 3, m * n_l))
             q0 += n_l
         return density, jacobians
 

@@ -103,14 +103,20 @@ def test_member_forces_match_finite_differences(ethanol_frames, frame):
             )
 
 
+@pytest.mark.parametrize("cutoff", [3.5, 6.0])
 @pytest.mark.parametrize("chunk", [None, 1, 4])
-def test_batched_member_forces_equal_loop(silicon_frames, chunk):
-    """Also when the members are taken in chunks (1, 4 and 2: uneven)."""
-    model = make_model([14], num_members=6)
+def test_batched_member_forces_equal_loop(silicon_frames, chunk, cutoff):
+    """Also when the members are taken in chunks (1, 4 and 2: uneven), and with
+    centres whose pairs fill several blocks of the batched route (cutoff 6)."""
+    from shallow_ensemble.backbones.soap_bpnn import BLOCK
+
+    model = make_model([14], num_members=6, cutoff=cutoff)
     atoms = silicon_frames[5]
     positions, centers, neighbors, shifts, numbers = graph_of(
         atoms, model.backbone.cutoff, requires_grad=True
     )
+    largest_slot = int(torch.bincount(centers).max())
+    assert (largest_slot > 2 * BLOCK) == (cutoff > 5)
     energies = member_energies(model, positions, centers, neighbors, shifts, numbers)
     loop = torch.stack(
         [
@@ -122,12 +128,7 @@ def test_batched_member_forces_equal_loop(silicon_frames, chunk):
     species = model.species_index(numbers)
     cotangents = model.head.member_cotangents().unsqueeze(1).expand(-1, len(atoms), -1)
     if chunk is not None:
-        n_slots = len(atoms) * model.backbone.n_types
-        max_pairs = int(torch.bincount(centers).max())
-        per_member = (
-            len(atoms) * model.backbone.descriptor_size + n_slots * max_pairs * 3
-        )
-        model.backbone.chunk_elements = chunk * per_member
+        model.backbone.member_chunk = chunk
     pair_grads = model.backbone.vectors_vjp(
         vectors, centers, neighbors, species, cotangents
     )
