@@ -67,6 +67,44 @@ def make_model(atomic_types, num_members=4, seed=0, **hypers) -> EnsembleModel:
     return model
 
 
+def export_calibrated_model(folder, atomic_types, seed):
+    """Export a small untrained float64 model with non-trivial weights and
+    calibration factors (alpha_energy 1.3, alpha_forces 0.7, alpha_atom 2.1) to
+    ``folder/model.pt``; return the path."""
+    from shallow_ensemble.export import export_model
+
+    torch.manual_seed(seed)
+    backbone = SoapBpnn(
+        atomic_types, cutoff=4.0, max_radial=4, max_angular=3, hidden_sizes=[16, 8]
+    )
+    model = EnsembleModel(backbone, 4).to(torch.float64)
+    with torch.no_grad():
+        model.alpha_energy.fill_(1.3)
+        model.alpha_forces.fill_(0.7)
+        model.alpha_atom.fill_(2.1)
+        model.head.bias.normal_()
+    return export_model(model, folder / "model.pt")
+
+
+def assert_selected_atoms_sum_to_whole(model, atoms):
+    """Ensemble energies of two halves of ``atoms`` (``selected_atoms``) add up to
+    those of the whole structure (an exported model, loaded)."""
+    from metatensor.torch import Labels
+
+    from shallow_ensemble.export.predict import run_model
+
+    whole, _ = run_model(model, [atoms], {"energy_ensemble": "system"})
+    total = 0
+    n = len(atoms)
+    for selection in (range(0, n, 2), range(1, n, 2)):
+        labels = Labels(["system", "atom"], torch.tensor([[0, a] for a in selection]))
+        part, _ = run_model(
+            model, [atoms], {"energy_ensemble": "system"}, selected_atoms=labels
+        )
+        total = total + part["energy_ensemble"].block().values
+    torch.testing.assert_close(total, whole["energy_ensemble"].block().values)
+
+
 def graph_of(atoms: ase.Atoms, cutoff: float, requires_grad: bool = False):
     """Positions, pair indices, cell shifts of a structure (full neighbour list)."""
     from vesin import NeighborList

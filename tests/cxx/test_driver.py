@@ -16,11 +16,8 @@ import torch
 from metatensor.torch import Labels
 
 from cmake_build import ROOT, build_target
-from conftest import ETHANOL, SILICON
-from shallow_ensemble.backbones import SoapBpnn
-from shallow_ensemble.export import export_model
+from conftest import ETHANOL, SILICON, export_calibrated_model
 from shallow_ensemble.export.predict import load_exported, run_model
-from shallow_ensemble.model import EnsembleModel
 
 
 BUILD = ROOT / "build" / "cxx-tests"
@@ -49,19 +46,7 @@ def driver():
 
 
 def _export(tmp_path_factory, name, atomic_types, seed):
-    torch.manual_seed(seed)
-    backbone = SoapBpnn(
-        atomic_types, cutoff=4.0, max_radial=4, max_angular=3, hidden_sizes=[16, 8]
-    )
-    model = EnsembleModel(backbone, 4).to(torch.float64)
-    with torch.no_grad():
-        model.alpha_energy.fill_(1.3)
-        model.alpha_forces.fill_(0.7)
-        model.alpha_atom.fill_(2.1)
-        model.head.bias.normal_()
-    path = tmp_path_factory.mktemp(name) / "model.pt"
-    export_model(model, path)
-    return path
+    return export_calibrated_model(tmp_path_factory.mktemp(name), atomic_types, seed)
 
 
 @pytest.fixture(scope="session")

@@ -25,18 +25,15 @@ import ase
 import ase.io
 import numpy as np
 import pytest
-import torch
 from ase.data import atomic_masses, atomic_numbers
 from ase.geometry import cellpar_to_cell
 from metatomic.torch import unit_conversion_factor
 from metatomic_ase import MetatomicCalculator
 
 from cmake_build import ROOT, build_target, run_checked
-from conftest import ETHANOL, SILICON, tiny_config
-from shallow_ensemble.backbones import SoapBpnn
+from conftest import ETHANOL, SILICON, export_calibrated_model, tiny_config
 from shallow_ensemble.export import export_model
 from shallow_ensemble.export.predict import load_exported, run_model
-from shallow_ensemble.model import EnsembleModel
 from shallow_ensemble.training import train
 
 
@@ -179,17 +176,7 @@ def silicon_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hco_model(tmp_path_factory):
     """An untrained H/C/O model with non-trivial weights and calibration factors."""
-    torch.manual_seed(2)
-    backbone = SoapBpnn(
-        [1, 6, 8], cutoff=4.0, max_radial=4, max_angular=3, hidden_sizes=[16, 8]
-    )
-    model = EnsembleModel(backbone, 4).to(torch.float64)
-    with torch.no_grad():
-        model.alpha_energy.fill_(1.3)
-        model.alpha_forces.fill_(0.7)
-        model.alpha_atom.fill_(2.1)
-        model.head.bias.normal_()
-    return export_model(model, tmp_path_factory.mktemp("lammps-hco") / "model.pt")
+    return export_calibrated_model(tmp_path_factory.mktemp("lammps-hco"), [1, 6, 8], 2)
 
 
 def lammps_oriented(atoms):

@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from metatensor.torch import Labels
 from metatomic.torch import AtomisticModel, ModelCapabilities, load_atomistic_model
 
-from conftest import ETHANOL, SILICON
+from conftest import ETHANOL, SILICON, assert_selected_atoms_sum_to_whole
 from shallow_ensemble.backbones.metatomic_model import MetatomicModelError
 from shallow_ensemble.config import config_from_dict
 from shallow_ensemble.data import GraphDataset, read_structures
@@ -197,15 +196,7 @@ def test_export_contract_and_ase_md(pet_run, full_run, tmp_path):
             [atoms],
             {"energy": kind, "energy_uncertainty": kind, "energy_ensemble": kind},
         )
-    whole, _ = run_model(model, [atoms], {"energy_ensemble": "system"})
-    total = 0
-    for selection in (range(0, 9, 2), range(1, 9, 2)):
-        labels = Labels(["system", "atom"], torch.tensor([[0, a] for a in selection]))
-        part, _ = run_model(
-            model, [atoms], {"energy_ensemble": "system"}, selected_atoms=labels
-        )
-        total = total + part["energy_ensemble"].block().values
-    torch.testing.assert_close(total, whole["energy_ensemble"].block().values)
+    assert_selected_atoms_sum_to_whole(model, atoms)
 
     atoms.calc = MetatomicCalculator(
         path, uncertainty_threshold=1e6, do_gradients_with_energy=False

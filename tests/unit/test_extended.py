@@ -8,7 +8,6 @@ import ase
 import numpy as np
 import pytest
 import torch
-from metatensor.torch import Labels
 from metatomic.torch import (
     AtomisticModel,
     ModelCapabilities,
@@ -16,7 +15,7 @@ from metatomic.torch import (
     load_atomistic_model,
 )
 
-from conftest import ETHANOL, make_model
+from conftest import ETHANOL, assert_selected_atoms_sum_to_whole, make_model
 from shallow_ensemble.backbones.metatomic_model import (
     MetatomicModelError,
     check_capabilities,
@@ -208,15 +207,7 @@ def test_export_contract(extended_file, base_file, ethanol_frames):
 def test_export_selected_atoms_sum_to_whole(extended_file, ethanol_frames):
     model = load_exported(extended_file)
     atoms = ethanol_frames[40]
-    whole, _ = run_model(model, [atoms], {"energy_ensemble": "system"})
-    total = 0
-    for selection in (range(0, 9, 2), range(1, 9, 2)):
-        labels = Labels(["system", "atom"], torch.tensor([[0, a] for a in selection]))
-        part, _ = run_model(
-            model, [atoms], {"energy_ensemble": "system"}, selected_atoms=labels
-        )
-        total = total + part["energy_ensemble"].block().values
-    torch.testing.assert_close(total, whole["energy_ensemble"].block().values)
+    assert_selected_atoms_sum_to_whole(model, atoms)
 
 
 def test_ase_md_with_the_extended_model(extended_file, ethanol_frames):
