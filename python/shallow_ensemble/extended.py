@@ -145,11 +145,7 @@ class ExtendedModel(EnsembleModel):
                 batch, batch.positions, self.backbone.neighbor_options
             )
             features, base = self.backbone(systems)
-        features = features.double()
-        phi = self.head.energy_scale.double() * torch.cat(
-            [features, torch.ones_like(features[:, :1])], dim=1
-        )
-        return phi, base.double()
+        return self._design(features), base.double()
 
     @torch.jit.unused
     def fit_baseline(self, counts, energies, n_atoms) -> None:

@@ -174,11 +174,16 @@ class EnsembleModel(torch.nn.Module):
             species = self.species_index(batch.numbers)
             features = self.backbone(
                 batch.pair_vectors(), batch.centers, batch.neighbors, species
-            ).double()
-        phi = self.head.energy_scale.double() * torch.cat(
+            )
+        return self._design(features), self.head.composition.double()[species]
+
+    @torch.jit.unused
+    def _design(self, features: torch.Tensor) -> torch.Tensor:
+        """``phi_i = s (f_i, 1)``, float64, from per-atom last-layer features."""
+        features = features.double()
+        return self.head.energy_scale.double() * torch.cat(
             [features, torch.ones_like(features[:, :1])], dim=1
         )
-        return phi, self.head.composition.double()[species]
 
     @torch.jit.unused
     def fit_baseline(

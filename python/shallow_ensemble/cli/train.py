@@ -1,7 +1,6 @@
 """``shallow-ensemble train CONFIG.yaml -o OUTDIR [--set section.key=value ...]``."""
 
 import argparse
-import os
 
 from ..config import load_config
 from ._common import format_metrics
@@ -39,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     run = run_protocol if config.training.strategy == "protocol" else train
     result = run(config, args.output, resume=args.resume, overwrite=args.overwrite)
-    if os.environ.get("RANK", "0") != "0":
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
         return 0  # under torchrun, rank 0 reports
     print(f"trained in {result.train_seconds:.1f} s, {len(result.history)} epochs")
     calibration = ", ".join(f"{k} = {v:.3f}" for k, v in result.calibration.items())

@@ -89,15 +89,15 @@ def _train_step(model, strategy, dataset, indices, epoch, workers, dtype):
     """
     device = next(model.parameters()).device
     mine = workers.shard(indices)
-    total, finite = torch.zeros(()), True
+    total, finite, parts = torch.zeros(()), True, {}
     if mine:
         batch = collate([dataset[i] for i in mine]).to(device=device, dtype=dtype)
         result = strategy.loss(model, batch, epoch)
-        atoms = [dataset[i].n_atoms for i in indices]
-        local = result.weighted(
-            len(mine) / len(indices), sum(dataset[i].n_atoms for i in mine) / sum(atoms)
+        atoms_share = sum(dataset[i].n_atoms for i in mine) / sum(
+            dataset[i].n_atoms for i in indices
         )
-        finite = bool(torch.isfinite(local))
+        local = result.weighted(len(mine) / len(indices), atoms_share)
+        finite, parts = bool(torch.isfinite(local)), result.parts
         if finite:
             local.backward()
         total = local.detach().cpu() * len(indices)
@@ -107,8 +107,9 @@ def _train_step(model, strategy, dataset, indices, epoch, workers, dtype):
     )
     if float(stats[1]) > 0:
         raise TrainingError(
-            f"non-finite loss at epoch {epoch + 1}; lower `training.learning_rate` "
-            "or raise `training.warmup_epochs`"
+            f"non-finite loss at epoch {epoch + 1}"
+            + ("" if finite else f": {parts}")
+            + "; lower `training.learning_rate` or raise `training.warmup_epochs`"
         )
     workers.sum_gradients([p for p in model.parameters() if p.requires_grad])
     return float(stats[0])
