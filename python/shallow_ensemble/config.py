@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from .errors import ShallowEnsembleError
+
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
@@ -147,7 +149,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-class ConfigError(ValueError):
+class ConfigError(ShallowEnsembleError, ValueError):
     """A configuration file or override is invalid."""
 
 

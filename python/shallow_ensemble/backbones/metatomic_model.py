@@ -26,12 +26,14 @@ from metatomic.torch import (
     load_atomistic_model,
 )
 
+from ..errors import ShallowEnsembleError
+
 
 #: last-layer feature outputs tried, in this order, when ``features_output`` is auto
 FEATURE_OUTPUTS = ["mtt::aux::energy_last_layer_features", "feature", "features"]
 
 
-class MetatomicModelError(ValueError):
+class MetatomicModelError(ShallowEnsembleError, ValueError):
     """An exported model cannot be extended as asked."""
 
 

@@ -16,8 +16,10 @@ import numpy as np
 import numpy.typing as npt
 from ase.data import chemical_symbols
 
+from ..errors import ShallowEnsembleError
 
-class DataError(ValueError):
+
+class DataError(ShallowEnsembleError, ValueError):
     """Invalid input data.
 
     The message names the file, the frame index (0-based) and the problem, and says

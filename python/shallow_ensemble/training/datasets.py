@@ -1,6 +1,7 @@
 """Reading the configured datasets: files or random fractions of the training file."""
 
 from ..config import Config
+from ..errors import ShallowEnsembleError
 from ..data import (
     GraphDataset,
     atomic_types_of,
@@ -10,7 +11,7 @@ from ..data import (
 )
 
 
-class DatasetError(ValueError):
+class DatasetError(ShallowEnsembleError, ValueError):
     """The configured data cannot be split or combined as asked."""
 
 

@@ -19,6 +19,7 @@ from ..calibration.predictions import (
 )
 from ..config import Config
 from ..data import batch_indices, collate
+from ..errors import ShallowEnsembleError
 from ..model import EnsembleModel
 from .checkpoints import (
     checkpoint_cutoff,
@@ -31,7 +32,7 @@ from .distributed import init_workers
 from .strategies import Context, Strategy, get_strategy
 
 
-class TrainingError(RuntimeError):
+class TrainingError(ShallowEnsembleError, RuntimeError):
     """Training cannot start or continue as asked."""
 
 
