@@ -288,3 +288,29 @@ def test_quickstart_runs_the_whole_workflow(tmp_path):
         energy, sigma, sigma_max = (float(v) for v in row[1:4])
         assert -4300 < energy < -4100  # ethanol, eV
         assert sigma > 0 and sigma_max > 0
+
+
+def test_train_output_is_an_existing_file(workdir, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    run = run_main(["train", workdir / "config.yaml", "-o", taken])
+    assert_clean_error(run, str(taken), "existing file")
+    run = run_main(["train", workdir / "config.yaml", "-o", taken / "run"])
+    assert_clean_error(run, "cannot write to output folder", str(taken / "run"))
+
+
+def test_export_output_problems_are_one_line(trained, tmp_path):
+    out, _ = trained
+    run = run_main(["export", out / "model.ckpt", "-o", tmp_path])
+    assert_clean_error(run, "directory", str(tmp_path))
+    (tmp_path / "file").write_text("a file")
+    run = run_main(["export", out / "model.ckpt", "-o", tmp_path / "file" / "m.pt"])
+    assert_clean_error(run, "existing file", str(tmp_path / "file"))
+
+
+def test_quickstart_refuses_a_finished_run(trained, workdir):
+    out, _ = trained
+    before = (out / "model.ckpt").read_bytes()
+    run = run_main(["quickstart", "-o", out])
+    assert_clean_error(run, "--overwrite", str(out))
+    assert (out / "model.ckpt").read_bytes() == before

@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from ..errors import ShallowEnsembleError
 from . import evaluate, export, quickstart, train
 
 
@@ -37,11 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ShallowEnsembleError, ValueError, OSError, RuntimeError) as error:
+        # the package's own errors, bad values and file-system errors are reported
+        # in one line; anything else is a bug and keeps its traceback
         if getattr(args, "debug", False):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 1
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.strerror}: '{error.filename}'"
+    return str(error)
 
 
 if __name__ == "__main__":

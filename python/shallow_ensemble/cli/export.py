@@ -1,6 +1,7 @@
 """``shallow-ensemble export MODEL.ckpt -o model.pt``."""
 
 import argparse
+from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
@@ -25,7 +26,12 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..export import export_model
     from ..training import load_model
+    from ..training.rundir import check_outdir
 
+    output = Path(args.output)
+    if output.is_dir():
+        raise IsADirectoryError(21, "the output is a directory", str(output))
+    check_outdir(output.parent)
     model = load_model(args.checkpoint)
     path = export_model(model, args.output, dtype=args.dtype)
     print(f"wrote {path}")

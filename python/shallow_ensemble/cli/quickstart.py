@@ -22,6 +22,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "-o", "--output", default="quickstart-run", help="output folder"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous run in the output folder",
+    )
     parser.add_argument("--steps", type=int, default=200, help="MD steps")
     parser.add_argument(
         "--set",
@@ -44,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     with resources.as_file(config_path) as path:
         config = load_config(path, args.overrides)
     print(f"== 1. training on {config.data.train} ({config.training.strategy}) ==")
-    result = train(config, out, overwrite=True)
+    result = train(config, out, overwrite=args.overwrite)
     print(f"trained {len(result.history)} epochs in {result.train_seconds:.1f} s")
     print(
         "calibration: "

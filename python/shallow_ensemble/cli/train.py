@@ -33,11 +33,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import run_protocol, train
+    from ..training import train
 
     config = load_config(args.config, args.overrides)
-    run = run_protocol if config.training.strategy == "protocol" else train
-    result = run(config, args.output, resume=args.resume, overwrite=args.overwrite)
+    result = train(config, args.output, resume=args.resume, overwrite=args.overwrite)
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_rank() != 0:

@@ -1,7 +1,5 @@
 """Checkpoints: written atomically, readable without the training configuration."""
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +9,7 @@ from ..backbones import SoapBpnn, StackedBackbone
 from ..backbones.metatomic_model import MetatomicModelBackbone
 from ..extended import ExtendedModel
 from ..model import EnsembleModel
+from .rundir import atomic_write
 
 
 FORMAT = "shallow-ensemble-checkpoint"
@@ -66,16 +65,7 @@ def build_model(hypers: dict[str, Any]) -> EnsembleModel:
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(

@@ -1,7 +1,6 @@
 """Reading the configured datasets: files or random fractions of the training file."""
 
 from ..config import Config
-from ..errors import ShallowEnsembleError
 from ..data import (
     GraphDataset,
     atomic_types_of,
@@ -9,6 +8,7 @@ from ..data import (
     read_structures,
     split_indices,
 )
+from ..errors import ShallowEnsembleError
 
 
 class DatasetError(ShallowEnsembleError, ValueError):

@@ -9,12 +9,13 @@ one run of the training loop in ``OUTDIR/<n>-<stage>/``; the final model is copi
 """
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 
 from ..config import Config
-from .trainer import TrainResult, train
+from .checkpoints import load_model, read_checkpoint
+from .rundir import atomic_write, prepare_outdir, write_json
+from .trainer import TrainingError, TrainResult, run_summary, train
 
 
 def protocol_stages(config: Config) -> list[tuple[str, Config]]:
@@ -40,6 +41,10 @@ def protocol_stages(config: Config) -> list[tuple[str, Config]]:
     return stages
 
 
+def _stage_folders(config: Config) -> list[str]:
+    return [f"{i}-{name}" for i, (name, _) in enumerate(protocol_stages(config), 1)]
+
+
 def run_protocol(
     config: Config,
     outdir: str | Path,
@@ -47,59 +52,70 @@ def run_protocol(
     overwrite: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Run every stage; a stage whose ``model.ckpt`` exists is reused on ``resume``."""
-    outdir = Path(outdir)
+    """Run every stage; on ``resume``, a finished stage (its ``model.ckpt``) is
+    reused and an interrupted one continues.
+
+    ``OUTDIR/metrics.json`` has the final stage's metrics, and under ``stages`` the
+    seconds, epochs and selected epoch (``best_epoch``, as in that stage's
+    ``log.csv``) of each stage.
+    """
+    outdir = prepare_outdir(outdir, resume, overwrite, tuple(_stage_folders(config)))
     previous: Path | None = None
     costs = {}
     result: TrainResult | None = None
-    for i, (name, stage) in enumerate(protocol_stages(config), start=1):
+    for (name, stage), folder_name in zip(
+        protocol_stages(config), _stage_folders(config), strict=True
+    ):
         if previous is not None:
             training = dataclasses.replace(stage.training, init_from=str(previous))
             stage = dataclasses.replace(stage, training=training)
-        folder = outdir / f"{i}-{name}"
+        folder = outdir / folder_name
         if resume and (folder / "model.ckpt").exists():
-            with open(folder / "metrics.json") as fd:
-                done = json.load(fd)
-            costs[name] = {"seconds": done["train_seconds"], "epochs": done["epochs"]}
+            done = read_checkpoint(folder / "model.ckpt")
+            if done.get("config") != stage.to_dict():
+                raise TrainingError(
+                    "cannot resume: the configuration differs from the one in "
+                    f"'{folder / 'model.ckpt'}'"
+                )
+            costs[name] = _cost(done)
             previous = folder / "model.ckpt"
             continue
-        print(f"protocol stage {i}: {name}")
+        print(f"protocol stage {folder_name}")
         stage_resume = resume and (folder / "last.ckpt").exists()
         result = train(
             stage,
             folder,
             resume=stage_resume,
-            overwrite=overwrite or not stage_resume,
+            overwrite=not stage_resume,
             progress=progress,
         )
-        costs[name] = {"seconds": result.train_seconds, "epochs": len(result.history)}
+        costs[name] = _cost(read_checkpoint(result.checkpoint))
         previous = result.checkpoint
 
     assert previous is not None
-    shutil.copy(previous, outdir / "model.ckpt")
-    final_metrics_path = previous.parent / "metrics.json"
-    with open(final_metrics_path) as fd:
-        final = json.load(fd)
-    final["strategy"] = "protocol"
-    final["stages"] = costs
-    final["train_seconds"] = sum(c["seconds"] for c in costs.values())
-    final["epochs"] = sum(c["epochs"] for c in costs.values())
-    with open(outdir / "metrics.json", "w") as fd:
-        json.dump(final, fd, indent=2)
-    if result is None:  # everything was already done
-        from .checkpoints import load_model
+    final = read_checkpoint(previous)
+    summary = run_summary(final)
+    summary["strategy"] = "protocol"
+    summary["stages"] = costs
+    summary["train_seconds"] = sum(c["seconds"] for c in costs.values())
+    summary["epochs"] = sum(c["epochs"] for c in costs.values())
+    summary.pop("best_epoch")  # one per stage
+    write_json(outdir / "metrics.json", summary)
+    atomic_write(outdir / "model.ckpt", lambda tmp: shutil.copyfile(previous, tmp))
+    return TrainResult(
+        result.model if result is not None else load_model(outdir / "model.ckpt"),
+        outdir / "model.ckpt",
+        result.history if result is not None else [],
+        final["calibration"],
+        final["metrics"],
+        summary["train_seconds"],
+        {**final["info"], "stages": costs},
+    )
 
-        model = load_model(outdir / "model.ckpt")
-        return TrainResult(
-            model,
-            outdir / "model.ckpt",
-            [],
-            final["calibration"],
-            {k: v for k, v in final.items() if k.startswith(("valid", "test"))},
-            final["train_seconds"],
-            {"stages": costs},
-        )
-    result.checkpoint = outdir / "model.ckpt"
-    result.train_seconds = final["train_seconds"]
-    result.info["stages"] = costs
-    return result
+
+def _cost(payload: dict) -> dict:
+    return {
+        "seconds": payload["train_seconds"],
+        "epochs": payload["epochs"],
+        "best_epoch": payload.get("best_epoch"),
+    }

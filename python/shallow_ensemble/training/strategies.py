@@ -55,6 +55,7 @@ class Context:
     progress: bool = True
     info: dict[str, Any] = field(default_factory=dict)
     workers: Workers = field(default_factory=Workers)
+    resume: bool = False
 
 
 class Strategy:
@@ -63,6 +64,8 @@ class Strategy:
     name = "base"
     probabilistic = False
     trains = True
+    #: sub-folders of OUTDIR the strategy writes (replaced with ``--overwrite``)
+    subfolders: tuple[str, ...] = ()
 
     def __init__(self, config: TrainingConfig) -> None:
         self.config = config
@@ -268,8 +271,11 @@ class DeepEnsembleStrategy(Strategy):
 
     name = "deep_ensemble"
     trains = False
+    subfolders = ("members",)
 
     def initialize(self, context: Context) -> EnsembleModel:
+        """Train the members in ``OUTDIR/members/NN``; on ``resume``, every member
+        continues from its own ``last.ckpt`` (a finished one is only reloaded)."""
         import dataclasses
 
         from .trainer import train
@@ -282,10 +288,13 @@ class DeepEnsembleStrategy(Strategy):
                 config.training, strategy="mse", seed=config.training.seed + k
             )
             member_config = dataclasses.replace(config, training=training)
+            folder = context.outdir / "members" / f"{k:02d}"
+            resume = context.resume and (folder / "last.ckpt").exists()
             result = train(
                 member_config,
-                context.outdir / "members" / f"{k:02d}",
-                overwrite=True,
+                folder,
+                resume=resume,
+                overwrite=not resume,
                 progress=context.progress,
                 calibrate=False,
             )

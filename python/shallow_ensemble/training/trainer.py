@@ -1,7 +1,6 @@
 """The one training loop, shared by every strategy."""
 
 import csv
-import json
 import math
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from .checkpoints import (
 )
 from .datasets import load_datasets
 from .distributed import init_workers
+from .rundir import atomic_write, prepare_outdir, write_json
 from .strategies import Context, Strategy, get_strategy
 
 
@@ -120,23 +120,14 @@ def _write_log(path: Path, history: list[dict[str, float]]) -> None:
     keys: list[str] = []
     for row in history:
         keys.extend(k for k in row if k not in keys)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as fd:
-        writer = csv.DictWriter(fd, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
-    tmp.replace(path)
 
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as fd:
+            writer = csv.DictWriter(fd, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(history)
 
-def _check_outdir(outdir: Path, resume: bool, overwrite: bool) -> None:
-    state_path = outdir / "last.ckpt"
-    if state_path.exists() and not (resume or overwrite):
-        raise TrainingError(
-            f"'{outdir}' already holds a training run; pass --resume to continue it "
-            "or --overwrite to start again"
-        )
-    if resume and not state_path.exists():
-        raise TrainingError(f"cannot resume: '{state_path}' does not exist")
+    atomic_write(path, write)
 
 
 def train(
@@ -162,8 +153,10 @@ def train(
     :param progress: show progress bars
     :param calibrate: fit the calibration factors (if ``config.calibration`` says so)
     """
-    outdir = Path(outdir)
-    _check_outdir(outdir, resume, overwrite)
+    if config.training.strategy == "protocol":
+        from .protocol import run_protocol
+
+        return run_protocol(config, outdir, resume, overwrite, progress)
     t = config.training
     device = torch.device(t.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -171,6 +164,14 @@ def train(
     dtype = getattr(torch, t.dtype)
     strategy = get_strategy(t)
     workers = init_workers(device)
+    outdir = Path(outdir)
+    if workers.is_main:
+        prepare_outdir(outdir, resume, overwrite, strategy.subfolders)
+    workers.barrier()
+    if resume and strategy.trains and not (outdir / "last.ckpt").exists():
+        raise TrainingError(f"cannot resume: '{outdir / 'last.ckpt'}' does not exist")
+    if resume and not strategy.trains and (outdir / "model.ckpt").exists():
+        return _finished_result(config, outdir)
 
     cutoff = None if t.init_from is None else checkpoint_cutoff(t.init_from)
     types, datasets = load_datasets(config, cutoff)
@@ -179,13 +180,14 @@ def train(
             f"{len(datasets['train'])} training structures cannot be shared among "
             f"{workers.world_size} processes"
         )
-    outdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(t.seed)
     progress = progress and workers.is_main
-    context = Context(config, datasets, types, outdir, progress, workers=workers)
+    context = Context(
+        config, datasets, types, outdir, progress, workers=workers, resume=resume
+    )
     state: dict[str, Any] = {}
     start = time.perf_counter()
-    if resume:
+    if resume and strategy.trains:
         state = read_checkpoint(outdir / "last.ckpt")
         if state.get("config") != config.to_dict():
             raise TrainingError(
@@ -241,6 +243,28 @@ def _written_result(outdir: Path, history) -> TrainResult:
     )
 
 
+def _finished_result(config: Config, outdir: Path) -> TrainResult:
+    """A finished run, on ``resume``: checked against ``config``; its
+    ``metrics.json`` is written again if it is missing (a kill between the two)."""
+    path = outdir / "model.ckpt"
+    state = read_checkpoint(path)
+    if state.get("config") != config.to_dict():
+        raise TrainingError(
+            f"cannot resume: the configuration differs from the one in '{path}'"
+        )
+    history = _read_log(outdir / "log.csv")
+    if not (outdir / "metrics.json").exists():
+        write_json(outdir / "metrics.json", run_summary(state))
+    return _written_result(outdir, history)
+
+
+def _read_log(path: Path) -> list[dict[str, float]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as fd:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fd)]
+
+
 def _run_epochs(
     model, strategy: Strategy, context: Context, state, init_seconds, on_epoch_end
 ):
@@ -257,6 +281,7 @@ def _run_epochs(
     )
     history: list[dict[str, float]] = state.get("history", [])
     best = state.get("best", math.inf)
+    best_epoch: int | None = state.get("best_epoch")
     start_epoch = state.get("epoch", -1) + 1
     elapsed = state.get("train_seconds", init_seconds)
     if state:
@@ -309,13 +334,18 @@ def _run_epochs(
         history.append(row)
         epochs.set_postfix(train=f"{row['train_loss']:.4g}", valid=f"{valid_loss:.4g}")
 
-        if strategy.in_warmup(epoch):
-            best = math.inf  # losses of the warm-up are not comparable
-        is_best = valid_loss < best or epoch == start_epoch and not state
-        best = valid_loss if is_best else best
+        # warm-up (MSE) and probabilistic losses are not comparable: the best
+        # epoch is chosen among epochs of the current phase only
+        if best_epoch is None or strategy.in_warmup(best_epoch) != strategy.in_warmup(
+            epoch
+        ):
+            best, best_epoch = math.inf, None
+        is_best = best_epoch is None or valid_loss < best
+        if is_best:
+            best, best_epoch = valid_loss, epoch
         if workers.is_main:
             _write_log(outdir / "log.csv", history)
-            if is_best or not (outdir / "best.ckpt").exists():
+            if is_best:
                 save_checkpoint(outdir / "best.ckpt", model, {"epoch": epoch})
             save_checkpoint(
                 outdir / "last.ckpt",
@@ -329,6 +359,7 @@ def _run_epochs(
                     "torch_rng": torch.get_rng_state(),
                     "history": history,
                     "best": best,
+                    "best_epoch": best_epoch,
                     "train_seconds": elapsed,
                     "init_seconds": init_seconds,
                     "info": context.info,
@@ -362,28 +393,37 @@ def finalize(
         test = predict_dataset(model, datasets["test"], batch_size)
         test = test.calibrated(calibration["alpha_energy"], calibration["alpha_forces"])
         metrics["test"] = evaluate_predictions(test)
-    path = outdir / "model.ckpt"
     info = dict(info or {})
-    save_checkpoint(
-        path,
-        model,
-        {
-            "config": config.to_dict(),
-            "calibration": calibration,
-            "metrics": metrics,
-            "train_seconds": elapsed,
-            "epochs": len(history),
-            "info": info,
-        },
-    )
-    with open(outdir / "metrics.json", "w") as fd:
-        summary = {
-            "strategy": config.training.strategy,
-            "train_seconds": elapsed,
-            "epochs": len(history),
-            "calibration": calibration,
-            **info,
-            **metrics,
-        }
-        json.dump(summary, fd, indent=2)
+    best_state = read_checkpoint(outdir / "best.ckpt")
+    best_epoch = best_state["epoch"] + 1 if best_state["epoch"] >= 0 else None
+    payload = {
+        "config": config.to_dict(),
+        "calibration": calibration,
+        "metrics": metrics,
+        "train_seconds": elapsed,
+        "epochs": len(history),
+        "best_epoch": best_epoch,
+        "info": info,
+    }
+    # metrics.json first: model.ckpt is written last and marks a finished run
+    write_json(outdir / "metrics.json", run_summary(payload))
+    path = outdir / "model.ckpt"
+    save_checkpoint(path, model, payload)
     return TrainResult(model, path, history, calibration, metrics, elapsed, info)
+
+
+def run_summary(payload: dict[str, Any]) -> dict[str, Any]:
+    """The content of ``metrics.json``, from a finished run's ``model.ckpt``.
+
+    ``best_epoch`` is the selected epoch, numbered as in ``log.csv`` (``null`` for
+    strategies that train no epochs).
+    """
+    return {
+        "strategy": payload["config"]["training"]["strategy"],
+        "train_seconds": payload["train_seconds"],
+        "epochs": payload["epochs"],
+        "best_epoch": payload.get("best_epoch"),
+        "calibration": payload["calibration"],
+        **payload["info"],
+        **payload["metrics"],
+    }

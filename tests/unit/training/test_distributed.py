@@ -5,6 +5,7 @@ structure, so one process has nothing to do in that step: the loss shares and th
 gradient sum must still give the one-process gradient.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -72,6 +73,12 @@ def test_two_processes_train_like_one(mixed_sizes, tmp_path):
     assert process.stdout.count("calibration on validation") == 1
 
     _assert_same_parameters(single.checkpoint, tmp_path / "two" / "model.ckpt")
+    # both selected the same NLL epoch (after the one warm-up epoch)
+    best = [
+        json.loads((tmp_path / run / "metrics.json").read_text())["best_epoch"]
+        for run in ("one", "two")
+    ]
+    assert best[0] == best[1] and best[0] in (2, 3)
 
     with (
         open(tmp_path / "one" / "log.csv") as one,

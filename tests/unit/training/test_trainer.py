@@ -1,6 +1,7 @@
 """The training loop: every strategy end to end, checkpoints, resuming."""
 
 import csv
+import json
 import math
 
 import ase.io
@@ -11,6 +12,7 @@ from conftest import ETHANOL, tiny_config
 from shallow_ensemble.export import to_atomistic_model
 from shallow_ensemble.export.predict import run_model
 from shallow_ensemble.training import TrainingError, load_model, train
+from shallow_ensemble.training.rundir import OutputError
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ def test_interrupted_training_resumes_to_the_same_result(small_data, tmp_path):
             on_epoch_end=stop_after_second_epoch,
         )
     assert not (tmp_path / "resumed" / "model.ckpt").exists()
-    with pytest.raises(TrainingError, match="--resume"):
+    with pytest.raises(OutputError, match="--resume"):
         train(config, tmp_path / "resumed", progress=False)
     resumed = train(config, tmp_path / "resumed", resume=True, progress=False)
 
@@ -140,3 +142,40 @@ def test_unreadable_checkpoint_gives_a_clear_error(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         load_model(path)
+
+
+def test_best_epoch_is_chosen_after_the_warm_up(small_data, tmp_path):
+    """The MSE loss of the warm-up is not comparable with the NLL: the selected
+    model is the post-warm-up epoch of lowest validation loss, recorded as
+    ``best_epoch`` (numbered as in log.csv)."""
+    config = make_config(small_data, strategy="energy_force_nll", epochs=4)
+    snapshots = {}
+
+    def snapshot(epoch):
+        state = load_model(tmp_path / "last.ckpt").state_dict()
+        snapshots[epoch + 1] = {k: v.clone() for k, v in state.items()}
+
+    result = train(config, tmp_path, progress=False, on_epoch_end=snapshot)
+    with open(tmp_path / "log.csv") as fd:
+        rows = list(csv.DictReader(fd))
+    losses = {int(r["epoch"]): float(r["valid_loss"]) for r in rows}
+    # the warm-up loss is the smallest number in the log: the old rule kept it
+    assert losses[1] < min(losses[e] for e in (2, 3, 4))
+    expected = min((2, 3, 4), key=losses.__getitem__)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["best_epoch"] == expected
+    selected = result.model.state_dict()
+    for key, value in snapshots[expected].items():
+        if not key.startswith("alpha_"):  # calibration sets these afterwards
+            torch.testing.assert_close(selected[key], value, rtol=0, atol=0)
+
+
+def test_best_epoch_is_the_lowest_validation_loss_without_warm_up(
+    small_data, tmp_path
+):
+    config = make_config(small_data, strategy="mse", epochs=3, learning_rate=0.05)
+    train(config, tmp_path, progress=False)
+    with open(tmp_path / "log.csv") as fd:
+        losses = [float(r["valid_loss"]) for r in csv.DictReader(fd)]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["best_epoch"] == 1 + losses.index(min(losses))
