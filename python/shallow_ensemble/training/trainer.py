@@ -107,10 +107,13 @@ def _train_step(model, strategy, dataset, indices, epoch, workers, dtype):
         torch.stack([total.to(torch.float64), torch.tensor(float(not finite))])
     )
     if float(stats[1]) > 0:
+        where = ""
+        if not finite:
+            sources = [dataset.sources[i] for i in mine]
+            where = f" in the batch of {', '.join(sources)}: {parts}"
         raise TrainingError(
-            f"non-finite loss at epoch {epoch + 1}"
-            + ("" if finite else f": {parts}")
-            + "; lower `training.learning_rate` or raise `training.warmup_epochs`"
+            f"non-finite loss at epoch {epoch + 1}{where}; check these structures, "
+            "or lower `training.learning_rate` or raise `training.warmup_epochs`"
         )
     workers.sum_gradients([p for p in model.parameters() if p.requires_grad])
     return float(stats[0])

@@ -170,12 +170,31 @@ def test_best_epoch_is_chosen_after_the_warm_up(small_data, tmp_path):
             torch.testing.assert_close(selected[key], value, rtol=0, atol=0)
 
 
-def test_best_epoch_is_the_lowest_validation_loss_without_warm_up(
-    small_data, tmp_path
-):
+def test_best_epoch_is_the_lowest_validation_loss_without_warm_up(small_data, tmp_path):
     config = make_config(small_data, strategy="mse", epochs=3, learning_rate=0.05)
     train(config, tmp_path, progress=False)
     with open(tmp_path / "log.csv") as fd:
         losses = [float(r["valid_loss"]) for r in csv.DictReader(fd)]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["best_epoch"] == 1 + losses.index(min(losses))
+
+
+def test_a_non_finite_loss_names_the_structures_of_the_batch(
+    small_data, tmp_path, monkeypatch
+):
+    """Values the reader cannot catch (here an energy made infinite after reading)
+    stop training with the structures of the failing batch named."""
+    from shallow_ensemble.training import trainer
+
+    real_load = trainer.load_datasets
+
+    def load_with_a_bad_energy(config, cutoff=None):
+        types, datasets = real_load(config, cutoff)
+        datasets["train"][5].energy.fill_(float("inf"))
+        return types, datasets
+
+    monkeypatch.setattr(trainer, "load_datasets", load_with_a_bad_energy)
+    config = make_config(small_data, strategy="mse", batch_size=24)
+    with pytest.raises(TrainingError, match="non-finite loss") as error:
+        train(config, tmp_path, progress=False)
+    assert f"{small_data / 'train.xyz'}:5" in str(error.value)
