@@ -9,10 +9,12 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+
 from ._common import format_metrics
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "quickstart",
         help="train, calibrate, export and run MD on bundled ethanol data",
@@ -110,7 +112,7 @@ def run_md(model_path: Path, xyz: str, steps: int) -> None:
         f"{'max sigma_i':>14}{'T [K]':>9}"
     )
 
-    def report():
+    def report() -> None:
         sigma = calc.run_model(atoms, request)["energy_uncertainty"].block().values
         sigma_i = calc.run_model(atoms, per_atom)["energy_uncertainty"].block().values
         sigma, sigma_i = sigma.detach(), sigma_i.detach()
@@ -124,7 +126,5 @@ def run_md(model_path: Path, xyz: str, steps: int) -> None:
     dyn.run(steps)
 
 
-def _rng():
-    import numpy as np
-
+def _rng() -> np.random.Generator:
     return np.random.default_rng(0)

@@ -6,7 +6,7 @@ from ..config import load_config
 from ._common import format_metrics
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train and calibrate a shallow ensemble",

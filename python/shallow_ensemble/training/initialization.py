@@ -1,16 +1,20 @@
 """Building the model a strategy starts from: fresh, or derived from a trained one."""
 
+from collections.abc import Sequence
+
 import torch
 
 from ..backbones import SoapBpnn, StackedBackbone
 from ..config import Config
-from ..data import iterate_batches
+from ..data import Graph, GraphDataset, iterate_batches
 from ..laplace import LaplaceFit, feature_covariance, fit_laplace, sample_parameters
 from ..model import EnsembleModel
 from .distributed import Workers
 
 
-def build_model(config: Config, atomic_types: list[int], num_members: int):
+def build_model(
+    config: Config, atomic_types: list[int], num_members: int
+) -> EnsembleModel:
     """A fresh model with the architecture of ``config.model``."""
     m = config.model
     backbone = SoapBpnn(
@@ -24,7 +28,7 @@ def build_model(config: Config, atomic_types: list[int], num_members: int):
     return EnsembleModel(backbone, num_members=num_members)
 
 
-def init_data_dependent(model: EnsembleModel, dataset) -> None:
+def init_data_dependent(model: EnsembleModel, dataset: GraphDataset) -> None:
     """Descriptor standardisation, composition baseline and energy scale."""
     graphs = [dataset[i] for i in range(min(len(dataset), 32))]
     model.backbone.fit_normalization(
@@ -70,7 +74,12 @@ def _set_heads(model: EnsembleModel, thetas: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def head_features(model: EnsembleModel, dataset, per_atom: bool, batch_size: int = 8):
+def head_features(
+    model: EnsembleModel,
+    dataset: Sequence[Graph] | GraphDataset,
+    per_atom: bool,
+    batch_size: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features in which the heads are linear, and the MAP errors per structure.
 
     Energies are :math:`E = \\sum_i s (w \\cdot f_i + b) + \\text{baseline}`, linear in
@@ -92,6 +101,7 @@ def head_features(model: EnsembleModel, dataset, per_atom: bool, batch_size: int
         baseline = torch.zeros(batch.n_systems, dtype=phi.dtype, device=phi.device)
         baseline = baseline.index_add(0, batch.system_index, offsets)
         predicted = phi_sum @ theta.to(phi.device) + baseline
+        assert batch.energy is not None, "training data have energies"
         errors.append((batch.energy.double() - predicted).cpu())
         summed.append(phi_sum.cpu())
         if per_atom:
@@ -103,8 +113,8 @@ def head_features(model: EnsembleModel, dataset, per_atom: bool, batch_size: int
 
 def laplace_heads(
     model: EnsembleModel,
-    train_set,
-    valid_set,
+    train_set: GraphDataset,
+    valid_set: GraphDataset,
     num_members: int,
     regularizer: str | float,
     per_atom: bool,

@@ -15,7 +15,8 @@ import torch
 
 from .. import losses
 from ..config import Config, TrainingConfig
-from ..model import EnsembleModel
+from ..data import Batch
+from ..model import EnsembleModel, Prediction
 from . import initialization
 from .distributed import Workers
 
@@ -89,6 +90,7 @@ class Strategy:
         from .checkpoints import load_model
 
         path = self.config.init_from
+        assert path is not None, "checked by the configuration"
         model = load_model(path)
         initialization.check_compatible(model, context.atomic_types, str(path))
         return model
@@ -118,7 +120,7 @@ class Strategy:
     def forces_mode(self, epoch: int) -> str:
         return "mean"
 
-    def loss(self, model: EnsembleModel, batch, epoch: int) -> LossParts:
+    def loss(self, model: EnsembleModel, batch: Batch, epoch: int) -> LossParts:
         mode = "mean" if self.in_warmup(epoch) else self.forces_mode(epoch)
         prediction = model.predict(batch, forces=mode, create_graph=True)
         if self.in_warmup(epoch):
@@ -127,7 +129,7 @@ class Strategy:
 
     def _combine(
         self, energy: tuple[str, torch.Tensor], forces: tuple[str, torch.Tensor]
-    ):
+    ) -> LossParts:
         """Weighted sum of a named energy term and a named forces term."""
         c = self.config
         parts = {name: float(value.detach()) for name, value in (energy, forces)}
@@ -135,23 +137,28 @@ class Strategy:
             c.energy_weight * energy[1], c.forces_weight * forces[1], parts
         )
 
-    def _energy_nll(self, prediction, batch) -> tuple[str, torch.Tensor]:
+    def _energy_nll(
+        self, prediction: Prediction, batch: Batch
+    ) -> tuple[str, torch.Tensor]:
         energy_loss = losses.get_energy_loss(self.config.energy_loss)
         return "energy_nll", energy_loss(
             prediction.energies, batch.energy, batch.n_atoms
         )
 
-    def _forces_mse(self, prediction, batch) -> tuple[str, torch.Tensor]:
+    def _forces_mse(
+        self, prediction: Prediction, batch: Batch
+    ) -> tuple[str, torch.Tensor]:
+        assert prediction.forces is not None, "the loss asked for forces"
         return "forces_mse", losses.mse(prediction.forces.mean(dim=0), batch.forces)
 
-    def _mse(self, prediction, batch) -> LossParts:
+    def _mse(self, prediction: Prediction, batch: Batch) -> LossParts:
         energy = prediction.energies.mean(dim=1) / batch.n_atoms
         e_loss = losses.mse(energy, batch.energy / batch.n_atoms)
         return self._combine(
             ("energy_mse", e_loss), self._forces_mse(prediction, batch)
         )
 
-    def _loss(self, prediction, batch) -> LossParts:
+    def _loss(self, prediction: Prediction, batch: Batch) -> LossParts:
         return self._mse(prediction, batch)
 
 
@@ -174,7 +181,7 @@ class EnergyNllStrategy(Strategy):
     name = "energy_nll"
     probabilistic = True
 
-    def _loss(self, prediction, batch) -> LossParts:
+    def _loss(self, prediction: Prediction, batch: Batch) -> LossParts:
         return self._combine(
             self._energy_nll(prediction, batch), self._forces_mse(prediction, batch)
         )
@@ -189,7 +196,7 @@ class EnergyForceNllStrategy(Strategy):
     def forces_mode(self, epoch: int) -> str:
         return "members"
 
-    def _loss(self, prediction, batch) -> LossParts:
+    def _loss(self, prediction: Prediction, batch: Batch) -> LossParts:
         force_loss = losses.get_force_loss(self.config.forces_loss)
         f_loss = force_loss(prediction.forces, batch.forces)
         return self._combine(

@@ -17,7 +17,7 @@ from ..calibration.predictions import (
     predict_dataset,
 )
 from ..config import Config
-from ..data import batch_indices, collate
+from ..data import GraphDataset, batch_indices, collate
 from ..errors import ShallowEnsembleError
 from ..model import EnsembleModel
 from .checkpoints import (
@@ -27,7 +27,7 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .datasets import load_datasets
-from .distributed import init_workers
+from .distributed import Workers, init_workers
 from .rundir import atomic_write, prepare_outdir, write_json
 from .strategies import Context, Strategy, get_strategy
 
@@ -61,7 +61,14 @@ def _lr_factor(schedule: str, epoch: int, epochs: int) -> float:
     return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _validation_loss(model, strategy, dataset, batch_size, epoch, workers):
+def _validation_loss(
+    model: EnsembleModel,
+    strategy: Strategy,
+    dataset: GraphDataset,
+    batch_size: int,
+    epoch: int,
+    workers: Workers,
+) -> tuple[float, dict[str, float]]:
     """Validation loss, weighted by structures; batches shared among processes."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -83,7 +90,15 @@ def _validation_loss(model, strategy, dataset, batch_size, epoch, workers):
     return total / weight, {k: v / weight for k, v in parts.items()}
 
 
-def _train_step(model, strategy, dataset, indices, epoch, workers, dtype):
+def _train_step(
+    model: EnsembleModel,
+    strategy: Strategy,
+    dataset: GraphDataset,
+    indices: list[int],
+    epoch: int,
+    workers: Workers,
+    dtype: torch.dtype,
+) -> float:
     """Loss and gradients of one global batch (this process's share of it).
 
     :return: the global batch's loss times its number of structures (for the log)
@@ -231,7 +246,7 @@ def train(
     return result
 
 
-def _written_result(outdir: Path, history) -> TrainResult:
+def _written_result(outdir: Path, history: list[dict[str, float]]) -> TrainResult:
     """The result rank 0 wrote, for the other processes."""
     path = outdir / "model.ckpt"
     state = read_checkpoint(path)
@@ -269,8 +284,13 @@ def _read_log(path: Path) -> list[dict[str, float]]:
 
 
 def _run_epochs(
-    model, strategy: Strategy, context: Context, state, init_seconds, on_epoch_end
-):
+    model: EnsembleModel,
+    strategy: Strategy,
+    context: Context,
+    state: dict[str, Any],
+    init_seconds: float,
+    on_epoch_end: Callable[[int], None] | None,
+) -> tuple[list[dict[str, float]], float]:
     """The loop over epochs: one optimiser, per-epoch checkpoints and logs."""
     config, outdir, workers = context.config, context.outdir, context.workers
     t = config.training
@@ -375,7 +395,15 @@ def _run_epochs(
 
 
 def finalize(
-    config, outdir, datasets, elapsed, history, device, dtype, calibrate=True, info=None
+    config: Config,
+    outdir: Path,
+    datasets: dict[str, GraphDataset],
+    elapsed: float,
+    history: list[dict[str, float]],
+    device: torch.device,
+    dtype: torch.dtype,
+    calibrate: bool = True,
+    info: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Reload the best model, calibrate it on validation data, write model.ckpt."""
     model = load_model(outdir / "best.ckpt").to(device=device, dtype=dtype)
