@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .. import losses
+from ..errors import CalibrationError
 
 
 def _flatten(**tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -22,18 +23,22 @@ def _flatten(**tensors: torch.Tensor) -> list[torch.Tensor]:
     ]
     names = list(tensors)
     if flat[0].numel() == 0:
-        raise ValueError(f"`{names[0]}` is empty but metrics need at least one value")
+        raise CalibrationError(
+            f"`{names[0]}` is empty but metrics need at least one value"
+        )
     for name, value in zip(names[1:], flat[1:], strict=True):
         if value.numel() != flat[0].numel():
-            raise ValueError(
+            raise CalibrationError(
                 f"`{name}` has {value.numel()} elements but must have as many as "
                 f"`{names[0]}`, {flat[0].numel()}"
             )
     if "std" in tensors:
         n_bad = int((flat[names.index("std")] <= 0).sum())
         if n_bad > 0:
-            raise ValueError(
-                f"`std` has {n_bad} entries <= 0 but an uncertainty must be positive"
+            raise CalibrationError(
+                f"`std` has {n_bad} entries <= 0 but an uncertainty must be positive: "
+                "leave out the components without ensemble spread (see "
+                "`shallow_ensemble.calibration.predictions.zero_spread`)"
             )
     return flat
 
@@ -156,7 +161,7 @@ def miscalibration_area(
     :return: the dimensionless area
     """
     if n_levels < 1:
-        raise ValueError(f"`n_levels` is {n_levels} but must be at least 1")
+        raise CalibrationError(f"`n_levels` is {n_levels} but must be at least 1")
     y, mu, sigma = _flatten(y_true=y_true, mean=mean, std=std)
     abs_z = torch.sort(torch.abs((y - mu) / sigma)).values
     levels = torch.arange(1, n_levels + 1, dtype=torch.float64) / (n_levels + 1)
@@ -220,7 +225,7 @@ def calibration_curve(
     if n_bins is None:
         n_bins = min(max(round(math.sqrt(n_samples)), 1), 50)
     if not 1 <= n_bins <= n_samples:
-        raise ValueError(
+        raise CalibrationError(
             f"`n_bins` is {n_bins} but must be between 1 and the number of samples, "
             f"{n_samples}"
         )

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..errors import CalibrationError
 from . import metrics
 
 
@@ -38,6 +39,17 @@ def _as_arrays(
     return y.numpy(), mu.numpy(), sigma.numpy()
 
 
+def _non_negative(std: torch.Tensor, n: int) -> np.ndarray:
+    sigma = torch.as_tensor(std).detach().to(torch.float64).reshape(-1)
+    if sigma.numel() != n:
+        raise CalibrationError(
+            f"`std` has {sigma.numel()} elements but must have as many as `y_true`, {n}"
+        )
+    if not bool((sigma >= 0).all()):
+        raise CalibrationError("`std` has entries < 0 (or NaN) but must be >= 0")
+    return sigma.numpy()
+
+
 def _axis_label(text: str, unit: str, label: str = "") -> str:
     text = f"{label}: {text}" if label else text
     return f"{text} [{unit}]" if unit else text
@@ -47,7 +59,7 @@ def plot_parity(
     ax: "Axes",
     y_true: torch.Tensor,
     mean: torch.Tensor,
-    std: torch.Tensor,
+    std: torch.Tensor | None = None,
     label: str = "",
     unit: str = "",
 ) -> "Axes":
@@ -56,12 +68,16 @@ def plot_parity(
     :param ax: the matplotlib axes to draw into
     :param y_true: reference values, any shape, in ``unit``
     :param mean: predicted means, same number of elements and units as ``y_true``
-    :param std: predicted standard deviations, same number of elements and units
+    :param std: predicted standard deviations, same number of elements and units,
+        ``>= 0`` (no bar where zero); ``None`` for no error bars (a one-member model)
     :param label: name of the quantity, for the axis labels (e.g. ``"energy"``)
     :param unit: unit of the quantity, for the axis labels (e.g. ``"eV"``)
     :return: ``ax``
     """
-    y, mu, sigma = _as_arrays(y_true, mean, std)
+    y, mu = (t.numpy() for t in metrics._flatten(y_true=y_true, mean=mean))
+    sigma = None
+    if std is not None:
+        sigma = _non_negative(std, y.size)
     ax.errorbar(
         y,
         mu,
@@ -163,30 +179,60 @@ def save_report(
     name: str,
     y_true: torch.Tensor,
     mean: torch.Tensor,
-    std: torch.Tensor,
+    std: torch.Tensor | None = None,
     unit: str = "",
-) -> None:
+) -> str:
     r"""Write a PNG with the parity plot, error vs std and the calibration curve.
 
     The title gives the RMSE, the RLL and the global scale :math:`\alpha`.
+    Components without ensemble spread (see
+    :py:func:`~shallow_ensemble.calibration.predictions.zero_spread`) are drawn in the
+    parity plot and left out of the other two panels and of the scores in the title.
+    Without ``std`` (a one-member model), or if no component has a spread (a
+    collapsed ensemble), only the parity plot is drawn.
 
     :param path: where to write the PNG
     :param name: name of the quantity (e.g. ``"forces"``), for the title and labels
     :param y_true: reference values, any shape, in ``unit``
     :param mean: predicted means, same number of elements and units as ``y_true``
-    :param std: predicted standard deviations, same number of elements and units
+    :param std: predicted standard deviations, same number of elements and units,
+        ``>= 0``; or ``None``
     :param unit: unit of the quantity (e.g. ``"eV/Å"``)
+    :return: what was drawn, in words (e.g. ``"parity only: one-member model, no
+        uncertainty"``)
     """
+    from .predictions import zero_spread
+
     figure_class = _figure_class()
+    y, mu = metrics._flatten(y_true=y_true, mean=mean)
+    keep = None
+    if std is not None:
+        sigma = torch.from_numpy(_non_negative(std, y.numel()))
+        zero, _ = zero_spread(mu, sigma)
+        keep = ~zero
+    if keep is None or not bool(keep.any()):
+        figure = figure_class(figsize=(5.0, 4.8), layout="constrained")
+        plot_parity(figure.subplots(), y, mu, label=name, unit=unit)
+        figure.suptitle(f"{name}: RMSE = {metrics.rmse(y, mu):.4g} {unit}")
+        figure.savefig(os.fspath(path), dpi=110)
+        if keep is None:
+            return "parity only: one-member model, no uncertainty"
+        return "parity only: no ensemble spread on any component"
     figure = figure_class(figsize=(15.0, 4.8), layout="constrained")
     parity, error, curve = figure.subplots(1, 3)
-    plot_parity(parity, y_true, mean, std, label=name, unit=unit)
-    plot_error_vs_sigma(error, y_true, mean, std, label=name, unit=unit)
-    plot_calibration_curve(curve, y_true, mean, std, label=name, unit=unit)
-    scores = metrics.summary(y_true, mean, std)
+    plot_parity(parity, y, mu, sigma, label=name, unit=unit)
+    y_kept, mu_kept, sigma_kept = y[keep], mu[keep], sigma[keep]
+    plot_error_vs_sigma(error, y_kept, mu_kept, sigma_kept, label=name, unit=unit)
+    plot_calibration_curve(curve, y_kept, mu_kept, sigma_kept, label=name, unit=unit)
+    scores = metrics.summary(y_kept, mu_kept, sigma_kept)
+    n_zero = int((~keep).sum())
+    excluded = f", {n_zero} without spread left out" if n_zero else ""
     figure.suptitle(
-        f"{name}: RMSE = {scores['rmse']:.4g} {unit}, RLL = {scores['rll']:.1f}%, "
-        f"alpha = {scores['alpha']:.3g}, miscalibration area = "
-        f"{scores['miscalibration_area']:.3f} (n = {scores['n']})"
+        f"{name}: RMSE = {metrics.rmse(y, mu):.4g} {unit}, RLL = "
+        f"{scores['rll']:.1f}%, alpha = {scores['alpha']:.3g}, miscalibration area = "
+        f"{scores['miscalibration_area']:.3f} (n = {scores['n']}{excluded})"
     )
     figure.savefig(os.fspath(path), dpi=110)
+    if n_zero:
+        return f"{n_zero} components without spread only in the parity plot"
+    return "parity, error vs std and calibration curve"

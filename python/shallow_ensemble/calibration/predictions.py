@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import CalibrationError
 from ..model import EnsembleModel
 from .metrics import mae, rmse, summary
 from .recalibrate import fit_alpha, stretch_members
@@ -98,62 +99,174 @@ def predict_dataset(
     )
 
 
-def _mean_std(members: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def mean_std(members: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ensemble mean and (unbiased) std over ``dim``; a zero std for one member."""
     mean = members.mean(dim=dim)
     if members.shape[dim] < 2:
         return mean, torch.zeros_like(mean)
     return mean, members.std(dim=dim)
 
 
+ZERO_SPREAD_RTOL = 1e-12
+r"""Relative threshold below which an ensemble spread counts as zero.
+
+See :py:func:`zero_spread`: :math:`10^{-12}` leaves a margin of about :math:`10^4`
+above the float64 rounding (:math:`2.2 \times 10^{-16}`) of sums of many terms."""
+
+
+def zero_spread(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, float]:
+    r"""Which components have no ensemble spread, e.g. the forces on an atom without
+    neighbours, or components fixed by symmetry.
+
+    A component has zero spread when its ensemble std is at most
+    :py:data:`ZERO_SPREAD_RTOL` times the larger of the root mean squares of ``mean``
+    and of ``std`` over all the components given (one quantity: all the structure
+    energies, or all the force components):
+    :math:`\sigma_i \le 10^{-12} \max(\mathrm{rms}(\mu), \mathrm{rms}(\sigma))`.
+    Such a spread is float64 rounding noise, not an uncertainty; an exact zero always
+    counts. These components have no place in a likelihood (:math:`z = e/\sigma` is
+    infinite), so the calibration and the probabilistic metrics leave them out.
+
+    :param mean: ensemble means, any shape, in the target's units
+    :param std: ensemble standard deviations, same shape and units, ``>= 0``
+    :return: a boolean mask of ``std``'s shape (``True``: zero spread) and the
+        threshold, in the target's units
+    """
+    mean = mean.detach().to(torch.float64)
+    std = std.detach().to(torch.float64)
+    if std.numel() == 0:
+        return torch.zeros_like(std, dtype=torch.bool), 0.0
+    scale = max(
+        float(torch.sqrt(torch.mean(mean**2))), float(torch.sqrt(torch.mean(std**2)))
+    )
+    threshold = ZERO_SPREAD_RTOL * scale
+    return std <= threshold, threshold
+
+
+def non_finite_structures(predictions: EnsemblePredictions) -> list[int]:
+    """Indices of the structures with a NaN or infinite member energy, per-atom energy
+    or force (in increasing order)."""
+    bad = ~torch.isfinite(predictions.energies).all(dim=1)
+    atoms_bad = ~torch.isfinite(predictions.atomic).all(dim=1)
+    if predictions.forces is not None:
+        atoms_bad = atoms_bad | ~torch.isfinite(predictions.forces).all(dim=0).all(-1)
+    n_bad_atoms = torch.zeros(bad.shape, dtype=torch.long).index_add(
+        0, predictions.system_index, atoms_bad.to(torch.long)
+    )
+    bad = bad | (n_bad_atoms > 0)
+    return [int(i) for i in torch.nonzero(bad).flatten()]
+
+
+def _collapsed(
+    what: str, num_members: int, std: torch.Tensor, unit: str
+) -> CalibrationError:
+    return CalibrationError(
+        f"cannot calibrate the uncertainties: the {num_members} ensemble members "
+        f"predict the same {what} for each of the {std.numel()} validation "
+        f"{'structures' if what == 'energy' else 'force components'} (largest "
+        f"spread {float(std.max()):.3g} {unit}): the ensemble has collapsed. Make "
+        "the members differ (e.g. a larger `training.random_heads_std`, "
+        "`training.dtype: float64`, more `model.num_members`) or turn the "
+        "calibration off with `calibration.enabled: false`"
+    )
+
+
 def fit_calibration(predictions: EnsemblePredictions) -> dict[str, float]:
-    """NLL-optimal global factors for energies, forces and per-atom energies.
+    r"""NLL-optimal global factors for energies, forces and per-atom energies.
 
     ``alpha_atom`` assumes independent per-atom errors: it scales the per-atom member
     spreads so that their sum in quadrature matches the structure energy errors,
-    :math:`\\alpha_{atom}^2 = \\langle \\Delta E^2 / \\sum_i \\sigma_i^2 \\rangle`.
+    :math:`\alpha_{atom}^2 = \langle \Delta E^2 / \sum_i \sigma_i^2 \rangle`.
+
+    Components without ensemble spread (:py:func:`zero_spread`) are left out of the
+    fits; a one-member model gets factors of 1.
+
+    :raises CalibrationError: without reference energies, with non-finite
+        predictions, or if the members of an ensemble all predict the same energies
+        (or forces): the ensemble has collapsed
     """
     if predictions.num_members < 2:
         return {"alpha_energy": 1.0, "alpha_forces": 1.0, "alpha_atom": 1.0}
     if predictions.energy_ref is None:
-        raise ValueError("calibration needs reference energies")
-    mean, std = _mean_std(predictions.energies, 1)
-    alphas = {"alpha_energy": fit_alpha(predictions.energy_ref, mean, std)}
+        raise CalibrationError(
+            "calibration needs reference energies: give the validation structures "
+            "energies, or turn the calibration off with `calibration.enabled: false`"
+        )
+    bad = non_finite_structures(predictions)
+    if bad:
+        raise CalibrationError(
+            f"cannot calibrate the uncertainties: the predictions for {len(bad)} of "
+            f"{predictions.energies.shape[0]} validation structures are not finite "
+            f"(NaN or inf; structure indices {bad[:10]}); check the model and these "
+            "structures (e.g. atoms on top of each other)"
+        )
+    mean, std = mean_std(predictions.energies, 1)
+    zero, _ = zero_spread(mean, std)
+    if bool(zero.all()):
+        raise _collapsed("energy", predictions.num_members, std, "eV")
+    keep = ~zero
+    alphas = {
+        "alpha_energy": fit_alpha(predictions.energy_ref[keep], mean[keep], std[keep])
+    }
     if predictions.forces is not None and predictions.forces_ref is not None:
-        f_mean, f_std = _mean_std(predictions.forces, 0)
-        alphas["alpha_forces"] = fit_alpha(predictions.forces_ref, f_mean, f_std)
+        f_mean, f_std = mean_std(predictions.forces, 0)
+        f_zero, _ = zero_spread(f_mean, f_std)
+        if bool(f_zero.all()):
+            raise _collapsed("force", predictions.num_members, f_std, "eV/Å")
+        f_keep = ~f_zero
+        alphas["alpha_forces"] = fit_alpha(
+            predictions.forces_ref[f_keep], f_mean[f_keep], f_std[f_keep]
+        )
     else:
         alphas["alpha_forces"] = alphas["alpha_energy"]
-    _, atom_std = _mean_std(predictions.atomic, 1)
+    _, atom_std = mean_std(predictions.atomic, 1)
     summed_var = torch.zeros_like(mean).index_add(
         0, predictions.system_index, atom_std**2
     )
-    err2 = (predictions.energy_ref - mean) ** 2
-    alphas["alpha_atom"] = float(
-        torch.sqrt((err2 / summed_var.clamp(min=1e-30)).mean())
-    )
+    # a structure with an energy spread has atoms with a spread: summed_var > 0
+    keep = keep & (summed_var > 0)
+    err2 = (predictions.energy_ref - mean)[keep] ** 2
+    alphas["alpha_atom"] = float(torch.sqrt((err2 / summed_var[keep]).mean()))
     return alphas
 
 
-def _report(y_true, mean, std) -> dict[str, float]:
-    if bool((std > 0).all()):
-        return summary(y_true, mean, std)
-    # a deterministic model (or a collapsed ensemble) has no uncertainty to judge
-    return {"rmse": rmse(y_true, mean), "mae": mae(y_true, mean), "n": y_true.numel()}
+def _report(y_true, mean, std, num_members: int) -> dict[str, float]:
+    report = {"rmse": rmse(y_true, mean), "mae": mae(y_true, mean), "n": y_true.numel()}
+    if num_members < 2:
+        # a deterministic model has no uncertainty to judge
+        return report
+    zero, threshold = zero_spread(mean, std)
+    keep = ~zero
+    if bool(keep.any()):
+        scores = summary(y_true[keep], mean[keep], std[keep])
+        report = {**scores, **report}  # RMSE, MAE and n of all the components
+    report["n_zero_spread"] = int(zero.sum())
+    report["zero_spread_threshold"] = threshold
+    return report
 
 
 def evaluate_predictions(
     predictions: EnsemblePredictions,
 ) -> dict[str, dict[str, float]]:
-    """Accuracy and calibration metrics (energies per structure, force components)."""
+    """Accuracy and calibration metrics (energies per structure, force components).
+
+    RMSE, MAE and ``n`` use every component. For an ensemble, components without
+    spread (:py:func:`zero_spread`) are left out of the probabilistic metrics (NLL,
+    CRPS, RLL, miscalibration area, alpha, z statistics); ``n_zero_spread`` counts
+    them and ``zero_spread_threshold`` is the threshold used (in the quantity's
+    units). If every component has zero spread (a collapsed ensemble) only RMSE and
+    MAE are reported; a one-member model reports RMSE, MAE and ``n`` only.
+    """
     report = {}
+    members = predictions.num_members
     if predictions.energy_ref is not None:
-        mean, std = _mean_std(predictions.energies, 1)
+        mean, std = mean_std(predictions.energies, 1)
         n_atoms = predictions.n_atoms
-        report["energy"] = _report(predictions.energy_ref, mean, std)
+        report["energy"] = _report(predictions.energy_ref, mean, std, members)
         report["energy_per_atom"] = _report(
-            predictions.energy_ref / n_atoms, mean / n_atoms, std / n_atoms
+            predictions.energy_ref / n_atoms, mean / n_atoms, std / n_atoms, members
         )
     if predictions.forces is not None and predictions.forces_ref is not None:
-        mean, std = _mean_std(predictions.forces, 0)
-        report["forces"] = _report(predictions.forces_ref, mean, std)
+        mean, std = mean_std(predictions.forces, 0)
+        report["forces"] = _report(predictions.forces_ref, mean, std, members)
     return report

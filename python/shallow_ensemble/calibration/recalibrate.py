@@ -9,7 +9,12 @@ consistent. Fit one factor per quantity (total energies, per-atom energies, forc
 
 import torch
 
+from ..errors import CalibrationError, ShallowEnsembleError
 from . import metrics
+
+
+class NotFittedError(ShallowEnsembleError, RuntimeError):
+    """A recalibration is used before it is fitted."""
 
 
 def fit_alpha(y_true: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> float:
@@ -43,9 +48,9 @@ def stretch_members(
     """
     if isinstance(alpha, torch.Tensor):
         if not bool(torch.all(alpha > 0)):
-            raise ValueError("`alpha` has entries <= 0 but must be positive")
+            raise CalibrationError("`alpha` has entries <= 0 but must be positive")
     elif not alpha > 0:
-        raise ValueError(f"`alpha` is {alpha} but must be positive")
+        raise CalibrationError(f"`alpha` is {alpha} but must be positive")
     mean = members.mean(dim=dim, keepdim=True)
     return mean + alpha * (members - mean)
 
@@ -85,7 +90,7 @@ class GlobalRecalibration:
 
     def _fitted_alpha(self) -> float:
         if not hasattr(self, "alpha_"):
-            raise RuntimeError(
+            raise NotFittedError(
                 "this GlobalRecalibration is not fitted yet: call `fit` before "
                 "transforming"
             )

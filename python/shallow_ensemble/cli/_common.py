@@ -2,16 +2,34 @@
 
 
 def format_metrics(report: dict[str, dict[str, float]], title: str = "") -> str:
-    """A small fixed-width table: one row per quantity, one column per metric."""
+    """A small fixed-width table: one row per quantity, one column per metric.
+
+    Below it, one line per quantity with components without ensemble spread (left
+    out of the uncertainty metrics, see
+    :py:func:`~shallow_ensemble.calibration.predictions.evaluate_predictions`).
+    """
     columns = ["rmse", "mae", "nll", "rll", "miscalibration_area", "alpha"]
     header = f"{'':<26}" + "".join(f"{c[:12]:>13}" for c in columns)
     lines = [title] if title else []
     lines.append(header)
     units = {"energy": "eV", "energy_per_atom": "eV/atom", "forces": "eV/A"}
+    notes = []
     for name, values in report.items():
         label = f"{name} [{units.get(name, '')}]"
         cells = "".join(
             f"{values[c]:>13.4g}" if c in values else f"{'-':>13}" for c in columns
         )
         lines.append(f"{label:<26}{cells}")
-    return "\n".join(lines)
+        n_zero = values.get("n_zero_spread", 0)
+        if n_zero == values.get("n"):
+            notes.append(
+                f"{name}: no ensemble spread on any of the {n_zero} values (the "
+                "members all agree): no uncertainty metrics"
+            )
+        elif n_zero:
+            notes.append(
+                f"{name}: {n_zero} of {values['n']} values without ensemble spread "
+                f"(std <= {values['zero_spread_threshold']:.3g} "
+                f"{units.get(name, '')}) left out of the uncertainty metrics"
+            )
+    return "\n".join(lines + notes)
