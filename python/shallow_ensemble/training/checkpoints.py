@@ -7,9 +7,14 @@ import torch
 
 from ..backbones import SoapBpnn, StackedBackbone
 from ..backbones.metatomic_model import MetatomicModelBackbone
+from ..errors import ShallowEnsembleError
 from ..extended import ExtendedModel
 from ..model import EnsembleModel
 from .rundir import atomic_write
+
+
+class CheckpointError(ShallowEnsembleError, ValueError):
+    """A file is not a readable shallow-ensemble checkpoint."""
 
 
 FORMAT = "shallow-ensemble-checkpoint"
@@ -59,7 +64,7 @@ def build_model(hypers: dict[str, Any]) -> EnsembleModel:
     elif kind == "stacked_soap_bpnn":
         backbone = StackedBackbone([SoapBpnn(**h) for h in hypers["backbone_hypers"]])
     else:
-        raise ValueError(f"unknown backbone '{kind}' in checkpoint")
+        raise CheckpointError(f"unknown backbone '{kind}' in checkpoint")
     return EnsembleModel(backbone, num_members=int(hypers["num_members"]))
 
 
@@ -91,11 +96,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises many types for corrupt files
-        raise ValueError(
+        raise CheckpointError(
             f"'{path}' is not a readable checkpoint ({type(error).__name__}: {error})"
         )
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(
+        raise CheckpointError(
             f"'{path}' is not a shallow-ensemble checkpoint (exported .pt models are "
             "read with metatomic.torch.load_atomistic_model)"
         )
