@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import torch
 
 from ..backbones import SoapBpnn, StackedBackbone
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data import Graph, GraphDataset, iterate_batches
 from ..laplace import LaplaceFit, feature_covariance, fit_laplace, sample_parameters
 from ..model import EnsembleModel
@@ -55,9 +55,10 @@ def check_compatible(
     """The data's atomic types must all be known to the model."""
     unknown = sorted(set(atomic_types) - set(model.atomic_types))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"the training data has atomic types {unknown} that the model in "
-            f"'{source}' does not know (it has {model.atomic_types})"
+            f"'{source}' (`training.init_from`) does not know (it has "
+            f"{model.atomic_types})"
         )
 
 

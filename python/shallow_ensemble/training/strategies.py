@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .. import losses
-from ..config import Config, TrainingConfig
+from ..config import Config, ConfigError, TrainingConfig
 from ..data import Batch
 from ..model import EnsembleModel, Prediction
 from . import initialization
@@ -327,9 +327,10 @@ class FinetuneStrategy(EnergyForceNllStrategy):
     def initialize(self, context: Context) -> EnsembleModel:
         model = self._load_start(context)
         if model.num_members < 2:
-            raise ValueError(
-                f"'{self.config.init_from}' has a single head: fine-tune an ensemble "
-                "(from the laplace, random_heads or energy_nll strategies)"
+            raise ConfigError(
+                f"`training.init_from`: '{self.config.init_from}' has a single "
+                "head: fine-tune an ensemble (from the laplace, random_heads or "
+                "energy_nll strategies)"
             )
         return model
 
@@ -378,7 +379,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
 def get_strategy(config: TrainingConfig) -> Strategy:
     """Strategy object for ``config.strategy``."""
     if config.strategy not in STRATEGIES:
-        raise ValueError(
+        raise ConfigError(
             f"`training.strategy` is '{config.strategy}' but must be one of: "
             f"{', '.join(STRATEGIES)}"
         )
