@@ -1,6 +1,7 @@
 """Configuration: one frozen dataclass per component, loaded from YAML with checks."""
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ from .errors import ShallowEnsembleError
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     train: str
-    """Training structures, extended XYZ (eV, angstrom)."""
+    """Training structures, extended XYZ (eV, angstrom). In a configuration file, a
+    relative path (here, in ``valid`` and ``test``, and in ``--set`` overrides) is
+    taken from the file's folder."""
     valid: str | float
     """Validation structures (early stopping, calibration): a file, or a fraction
     of ``train`` split off at random with ``split_seed``."""
@@ -36,13 +39,16 @@ class ModelConfig:
     cutoff: float = 5.0
     """Radial cutoff, angstrom."""
     cutoff_width: float = 0.5
-    """Width of the smooth switching region before the cutoff, angstrom."""
+    """Width of the smooth switching region before the cutoff, angstrom (more than
+    0, less than ``cutoff``)."""
     max_radial: int = 6
-    """Largest radial index of the density expansion at l = 0."""
+    """Largest radial index of the density expansion at l = 0 (0 or more: 0 is a
+    single radial function)."""
     max_angular: int = 4
-    """Largest angular momentum of the density expansion."""
+    """Largest angular momentum of the density expansion (0 or more)."""
     hidden_sizes: list[int] = field(default_factory=lambda: [128, 64])
-    """MLP widths; the last one is the size of the last-layer features."""
+    """MLP widths (at least one layer, each at least 1); the last one is the size of
+    the last-layer features."""
     from_metatomic: str | None = None
     """Extend this exported metatomic model (``.pt``, e.g. trained with metatrain)
     instead of training a backbone: its energy is the ensemble mean, its per-atom
@@ -63,7 +69,10 @@ class TrainingConfig:
     """Number of passes over the training set."""
     warmup_epochs: int | None = None
     """Epochs of MSE on the ensemble mean before a probabilistic loss starts
-    (default: a fifth of ``epochs``); guards NLL against drifting offsets."""
+    (default: a fifth of ``epochs``, none for ``finetune``); guards NLL against
+    drifting offsets. Must be less than ``epochs`` for the probabilistic strategies
+    (``energy_nll``, ``energy_force_nll``, ``finetune``, and ``protocol`` with
+    ``protocol.first: energy_nll``)."""
     batch_size: int = 8
     """Structures per optimiser step."""
     learning_rate: float = 3e-3
@@ -104,7 +113,7 @@ class TrainingConfig:
     dtype: str = "float32"
     """``float32`` or ``float64``."""
     device: str = "cpu"
-    """``cpu`` or ``cuda`` (or ``cuda:N``)."""
+    """``cpu`` or ``cuda`` (or ``cuda:N``, N the index of a GPU from 0)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -264,12 +273,39 @@ def _validate(config: Config) -> None:
             f"`training.strategy` is '{t.strategy}' but must be one of: "
             f"{', '.join([*STRATEGIES, 'protocol'])}"
         )
+    m = config.model
     checks = [
-        (config.model.num_members >= 1, "model.num_members", "positive"),
-        (config.model.cutoff > 0, "model.cutoff", "positive"),
+        (m.num_members >= 1, "model.num_members", "positive"),
+        (0 < m.cutoff < math.inf, "model.cutoff", "positive and finite"),
+        (
+            0 < m.cutoff_width < m.cutoff,
+            "model.cutoff_width",
+            f"between 0 and `model.cutoff` ({m.cutoff}), both excluded",
+        ),
+        (m.max_radial >= 0, "model.max_radial", "at least 0"),
+        (m.max_angular >= 0, "model.max_angular", "at least 0"),
+        (
+            len(m.hidden_sizes) > 0 and all(h >= 1 for h in m.hidden_sizes),
+            "model.hidden_sizes",
+            "a non-empty list of positive integers",
+        ),
         (t.epochs >= 1, "training.epochs", "at least 1"),
+        (
+            t.warmup_epochs is None or t.warmup_epochs >= 0,
+            "training.warmup_epochs",
+            "at least 0 (or null)",
+        ),
         (t.batch_size >= 1, "training.batch_size", "at least 1"),
         (t.learning_rate > 0, "training.learning_rate", "positive"),
+        (
+            t.heads_learning_rate is None or t.heads_learning_rate >= 0,
+            "training.heads_learning_rate",
+            "at least 0 (or null)",
+        ),
+        (t.weight_decay >= 0, "training.weight_decay", "at least 0"),
+        (t.energy_weight >= 0, "training.energy_weight", "at least 0"),
+        (t.forces_weight >= 0, "training.forces_weight", "at least 0"),
+        (t.grad_clip >= 0, "training.grad_clip", "at least 0 (0 disables clipping)"),
         (t.dtype in ("float32", "float64"), "training.dtype", "float32 or float64"),
         (
             t.lr_schedule in ("cosine", "constant"),
@@ -313,11 +349,22 @@ def _validate(config: Config) -> None:
             "protocol.finetune_epochs",
             "at least 1",
         ),
+        (
+            config.protocol.finetune_learning_rate > 0,
+            "protocol.finetune_learning_rate",
+            "positive",
+        ),
     ]
     for ok, key, rule in checks:
         if not ok:
             value = _get(config, key)
             raise ConfigError(f"`{key}` is {value!r} but must be {rule}")
+    if not _is_device(t.device):
+        raise ConfigError(
+            f"`training.device` is {t.device!r} but must be 'cpu', 'cuda' or 'cuda:N' "
+            "(N: the index of a GPU, from 0)"
+        )
+    _check_warmup(config)
     needs_init = ("laplace", "random_heads", "finetune")
     if t.strategy in needs_init and t.init_from is None:
         raise ConfigError(
@@ -346,6 +393,44 @@ def _validate(config: Config) -> None:
             f"`model.num_members` is {config.model.num_members} but strategy "
             f"'{t.strategy}' needs at least 2 members"
         )
+
+
+def _is_device(device: str) -> bool:
+    """Whether ``device`` names a CPU or CUDA device in torch's syntax."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return parsed.type in ("cpu", "cuda")
+
+
+def _check_warmup(config: Config) -> None:
+    """A probabilistic strategy must train beyond its MSE warm-up."""
+    from .training.strategies import STRATEGIES
+
+    t = config.training
+    if t.warmup_epochs is None or t.warmup_epochs < t.epochs:
+        return  # null is a fifth of the epochs (none for finetune): always fewer
+    if t.strategy == "protocol":
+        # its fine-tune stage has no warm-up; the first stage uses training.*
+        first = config.protocol.first
+        if config.model.from_metatomic is not None:
+            return  # the first stage is from_metatomic, which does not train
+        if not STRATEGIES[first].probabilistic:
+            return
+        what = f"the first stage '{first}' of strategy 'protocol' (`protocol.first`)"
+    elif STRATEGIES[t.strategy].probabilistic:
+        what = f"strategy '{t.strategy}'"
+    else:
+        return
+    raise ConfigError(
+        f"`training.warmup_epochs` is {t.warmup_epochs} but `training.epochs` is "
+        f"{t.epochs}: {what} would train only the MSE warm-up and never its "
+        "probabilistic loss; set `training.warmup_epochs` below `training.epochs` "
+        "(or null for the default)"
+    )
 
 
 def _get(config: Config, dotted: str) -> Any:
@@ -379,7 +464,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML configuration file, apply ``--set`` overrides, validate it.
 
-    Data paths are taken relative to the configuration file.
+    Data paths (from the file or from overrides) are taken relative to the
+    configuration file's folder and stored as absolute paths; the files are read
+    (and their existence checked) when training starts.
     """
     path = Path(path)
     if not path.is_file():

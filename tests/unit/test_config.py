@@ -176,7 +176,19 @@ def test_unknown_strategy_lists_the_valid_ones():
     ("section", "key", "value", "rule"),
     [
         ("model", "num_members", 0, "positive"),
-        ("model", "cutoff", -1.0, "positive"),
+        ("model", "cutoff", -1.0, "positive and finite"),
+        ("model", "cutoff", float("inf"), "positive and finite"),
+        ("model", "max_radial", -1, "at least 0"),
+        ("model", "max_angular", -1, "at least 0"),
+        ("model", "hidden_sizes", [], "a non-empty list of positive integers"),
+        ("model", "hidden_sizes", [16, 0], "a non-empty list of positive integers"),
+        ("training", "warmup_epochs", -1, "at least 0 (or null)"),
+        ("training", "heads_learning_rate", -1e-3, "at least 0 (or null)"),
+        ("training", "weight_decay", -1e-5, "at least 0"),
+        ("training", "energy_weight", -1.0, "at least 0"),
+        ("training", "forces_weight", -1.0, "at least 0"),
+        ("training", "grad_clip", -1.0, "at least 0 (0 disables clipping)"),
+        ("protocol", "finetune_learning_rate", 0.0, "positive"),
         ("training", "epochs", 0, "at least 1"),
         ("training", "batch_size", 0, "at least 1"),
         ("training", "learning_rate", 0.0, "positive"),
@@ -325,6 +337,26 @@ def test_data_paths_are_relative_to_the_config_file(tmp_path):
     assert config.model.num_members == 4
 
 
+def test_missing_data_file_of_a_config_is_not_said_to_be_relative_to_the_cwd(
+    tmp_path, monkeypatch
+):
+    """The reader gets the path resolved from the configuration file's folder: its
+    message names that absolute path and no other folder."""
+    from shallow_ensemble.data import DataError, read_structures
+
+    write_config(
+        tmp_path / "runs" / "config.yaml",
+        "data:\n  train: data/train.xyz\n  valid: 0.1\n",
+    )
+    monkeypatch.chdir(tmp_path)
+    config = load_config(Path("runs") / "config.yaml")
+    resolved = (tmp_path / "runs" / "data" / "train.xyz").resolve()
+    assert config.data.train == str(resolved)
+    with pytest.raises(DataError) as info:
+        read_structures(config.data.train)
+    assert str(info.value) == f"{resolved}: file not found; check the path"
+
+
 def test_load_config_applies_overrides(tmp_path):
     path = write_config(
         tmp_path / "config.yaml",
@@ -371,3 +403,100 @@ def test_missing_file_is_a_config_error(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path)  # a folder is not a configuration file
+
+
+def test_negative_max_angular_fails_at_load_time_not_in_the_backbone():
+    """It used to pass and crash later with `max() arg is an empty sequence`."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(minimal(model={"max_angular": -1}))
+    assert str(info.value) == "`model.max_angular` is -1 but must be at least 0"
+
+
+@pytest.mark.parametrize("width", [0.0, -0.5, 3.0, 4.0])
+def test_cutoff_width_must_be_inside_the_cutoff(width):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(minimal(model={"cutoff": 3.0, "cutoff_width": width}))
+    assert str(info.value) == (
+        f"`model.cutoff_width` is {width!r} but must be between 0 and "
+        "`model.cutoff` (3.0), both excluded"
+    )
+
+
+def test_smallest_valid_model_hypers_are_accepted():
+    model = {
+        "max_radial": 0,
+        "max_angular": 0,
+        "hidden_sizes": [1],
+        "cutoff_width": 2.99,
+        "cutoff": 3.0,
+    }
+    config = config_from_dict(minimal(model=model))
+    assert config.model.max_angular == 0 and config.model.max_radial == 0
+    assert config.model.hidden_sizes == [1]
+
+
+# ----------------------------------------------------------------- device --
+@pytest.mark.parametrize("device", ["gpu", "GPU", "cuda:-1", "cuda:x", "mps", ""])
+def test_device_is_checked_at_load_time(device):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(minimal(training={"device": device}))
+    assert str(info.value) == (
+        f"`training.device` is {device!r} but must be 'cpu', 'cuda' or 'cuda:N' "
+        "(N: the index of a GPU, from 0)"
+    )
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:0", "cuda:3"])
+def test_valid_devices_are_accepted_without_checking_for_a_gpu(device):
+    assert config_from_dict(minimal(training={"device": device})).training.device == (
+        device
+    )
+
+
+# ------------------------------------------------------------ warm-up --
+@pytest.mark.parametrize("strategy", ["energy_nll", "energy_force_nll", "finetune"])
+@pytest.mark.parametrize("warmup", [10, 12])
+def test_warmup_covering_all_epochs_is_rejected_for_probabilistic_strategies(
+    strategy, warmup
+):
+    raw = minimal(
+        training={
+            "strategy": strategy,
+            "epochs": 10,
+            "warmup_epochs": warmup,
+            "init_from": "start.ckpt",
+        }
+    )
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw)
+    assert str(info.value) == (
+        f"`training.warmup_epochs` is {warmup} but `training.epochs` is 10: strategy "
+        f"'{strategy}' would train only the MSE warm-up and never its probabilistic "
+        "loss; set `training.warmup_epochs` below `training.epochs` (or null for "
+        "the default)"
+    )
+    raw["training"]["warmup_epochs"] = 9
+    assert config_from_dict(raw).training.warmup_epochs == 9
+    raw["training"]["warmup_epochs"] = None
+    raw["training"]["epochs"] = 1  # null: 1 // 5 = 0 epochs of warm-up
+    assert config_from_dict(raw).training.warmup_epochs is None
+
+
+@pytest.mark.parametrize("strategy", ["mse", "deep_ensemble"])
+def test_warmup_is_irrelevant_for_mse_strategies(strategy):
+    raw = minimal(training={"strategy": strategy, "epochs": 3, "warmup_epochs": 3})
+    assert config_from_dict(raw).training.warmup_epochs == 3
+
+
+def test_warmup_check_follows_the_first_stage_of_the_protocol():
+    training = {"strategy": "protocol", "epochs": 4, "warmup_epochs": 4}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(minimal(training=training, protocol={"first": "energy_nll"}))
+    assert str(info.value).startswith(
+        "`training.warmup_epochs` is 4 but `training.epochs` is 4: the first stage "
+        "'energy_nll' of strategy 'protocol' (`protocol.first`) would train only "
+        "the MSE warm-up"
+    )
+    # an mse first stage has no warm-up; the fine-tune stage sets its own (0)
+    config = config_from_dict(minimal(training=training, protocol={"first": "mse"}))
+    assert config.protocol.first == "mse"

@@ -1,7 +1,8 @@
 """Reading, validating, batching and splitting reference data.
 
 :func:`read_structures` turns an extended XYZ file into validated
-:class:`Structure` objects, :class:`GraphDataset` computes their neighbour lists once,
+:class:`Structure` objects (rejecting, among others, atoms closer than
+:data:`MIN_DISTANCE`), :class:`GraphDataset` computes their neighbour lists once,
 :func:`iterate_batches` yields :class:`Batch` objects for training, and
 :func:`train_valid_test` makes reproducible random splits.
 """
@@ -9,6 +10,7 @@
 from .collate import Batch, batch_indices, collate, iterate_batches
 from .dataset import Graph, GraphDataset, build_graph
 from .readers import (
+    MIN_DISTANCE,
     DataError,
     Structure,
     atomic_types_of,
@@ -19,6 +21,7 @@ from .splits import split_indices, train_valid_test
 
 
 __all__ = [
+    "MIN_DISTANCE",
     "Batch",
     "DataError",
     "Graph",

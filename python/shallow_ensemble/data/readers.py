@@ -3,6 +3,11 @@
 Every problem with the input is reported as a :class:`DataError` whose message names
 the file, the frame (counted from 0) and what is wrong, so that a bad training set
 fails before any model is built.
+
+Besides the targets, every frame is checked for things that would make the model's
+descriptors NaN or meaningless: non-finite positions, an invalid cell, the placeholder
+species ``X`` (atomic number 0), and atoms closer than :data:`MIN_DISTANCE` to another
+atom or to a periodic image of any atom (itself included).
 """
 
 import os
@@ -14,9 +19,35 @@ import ase
 import ase.io
 import numpy as np
 import numpy.typing as npt
+import vesin
 from ase.data import chemical_symbols
 
 from ..errors import ShallowEnsembleError
+
+
+MIN_DISTANCE = 0.1
+"""Smallest allowed distance between two atoms, Å, periodic images included.
+
+Real structures never come close: the shortest bond, in H2, is 0.74 Å. Atoms closer
+than 0.1 Å are a duplicated atom (often the same atom written at fractional
+coordinates 0 and 1 of a periodic cell) or a cell too small for its content; at
+distance 0 the descriptors are NaN."""
+
+#: vesin's cell list shrinks its grid above this many cells (``MAX_NUMBER_OF_CELLS``
+#: in vesin 0.6), and a very flat grid may then get zero cells along one direction and
+#: crash the process (SIGFPE); :func:`_overlap_cutoff` keeps below it.
+_VESIN_MAX_CELLS = 1e5
+
+#: hints naming how a user sets the keys: in the configuration and on the command line
+_ENERGY_KEY_HINT = (
+    "set `data.energy_key` in the configuration (`--energy-key` for "
+    "`shallow-ensemble evaluate`) to the key that holds the energy"
+)
+_FORCES_KEY_HINT = (
+    "set `data.forces_key` in the configuration (`--forces-key` for "
+    "`shallow-ensemble evaluate`) to the key that holds the forces, or evaluate "
+    "energies only with `shallow-ensemble evaluate --no-forces`"
+)
 
 
 class DataError(ShallowEnsembleError, ValueError):
@@ -62,6 +93,8 @@ def read_structures(
     forces_key: str = "forces",
     require_energy: bool = True,
     require_forces: bool = True,
+    *,
+    origin: str | None = None,
 ) -> list[Structure]:
     """Read and validate all frames of an extended XYZ file.
 
@@ -77,16 +110,17 @@ def read_structures(
         frames get ``energy=None``
     :param require_forces: raise when a frame has no forces; if ``False`` such
         frames get ``forces=None``
+    :param origin: where ``path`` was given, for the message of a missing file, e.g.
+        ``"`data.train` in /runs/config.yaml, relative to that file's folder"``;
+        without it, a relative ``path`` is said to be taken from the current directory
     :return: one :class:`Structure` per frame, in file order
-    :raises DataError: if the file is missing, unreadable or empty, or if any frame
-        is invalid (missing or non-finite targets, wrong shapes, bad cell, no atoms)
+    :raises DataError: if the file is missing, a directory, unreadable or empty, or
+        if any frame is invalid (missing or non-finite targets, wrong shapes, bad
+        cell, no atoms, the placeholder species ``X``, atoms closer than
+        :data:`MIN_DISTANCE`)
     """
     filename = os.fspath(path)
-    if not os.path.isfile(filename):
-        raise DataError(
-            f"{filename}: file not found; check the path (relative paths are "
-            f"resolved from {os.getcwd()})"
-        )
+    _check_file(filename, origin)
     try:
         frames = ase.io.read(filename, ":", format="extxyz")
     except Exception as error:  # ASE raises many different exception types
@@ -114,6 +148,33 @@ def read_structures(
         )
         for index, atoms in enumerate(frames)
     ]
+
+
+def _check_file(filename: str, origin: str | None) -> None:
+    """Raise a :class:`DataError` unless ``filename`` is a readable regular file."""
+    given = f" ({origin})" if origin else ""
+    if os.path.isdir(filename):
+        raise DataError(
+            f"{filename}{given}: is a directory, not a file; give the path of an "
+            "extended XYZ file"
+        )
+    if not os.path.exists(filename):
+        hint = "check the path"
+        if not origin and not os.path.isabs(filename):
+            hint += (
+                f" (a relative path is taken from the current directory, {os.getcwd()})"
+            )
+        raise DataError(f"{filename}{given}: file not found; {hint}")
+    if not os.path.isfile(filename):
+        raise DataError(
+            f"{filename}{given}: is not a regular file; give the path of an extended "
+            "XYZ file"
+        )
+    if not os.access(filename, os.R_OK):
+        raise DataError(
+            f"{filename}{given}: the file cannot be read (permission denied); check "
+            "its permissions"
+        )
 
 
 def check_atomic_types(
@@ -208,6 +269,93 @@ def _cell_problem(cell: npt.NDArray[np.float64], pbc: npt.NDArray[np.bool_]) -> 
     return ""
 
 
+def _overlap_cutoff(
+    positions: npt.NDArray[np.float64],
+    cell: npt.NDArray[np.float64],
+    pbc: npt.NDArray[np.bool_],
+) -> float:
+    """Cutoff of the neighbour list that finds the atoms closer than
+    :data:`MIN_DISTANCE`; the pairs are then filtered by distance.
+
+    vesin's cell list has cells about one cutoff wide, and its cost grows with the
+    number of cells: a cutoff of about the mean spacing of the atoms (but at most 3 Å)
+    gives about one atom per cell, and a larger one where needed keeps the cell list
+    below vesin's maximum number of cells (see ``_VESIN_MAX_CELLS``).
+    """
+    # upper bounds of the sizes of vesin's bounding box: the length of a periodic
+    # cell vector bounds the distance between its faces; along a non-periodic axis
+    # vesin takes the spread of the positions plus 1%, and at least 1 Å
+    spread = positions.max(axis=0) - positions.min(axis=0)
+    sizes = np.where(pbc, np.linalg.norm(cell, axis=1), np.maximum(1.0, 1.02 * spread))
+    spacing = float(np.prod(sizes) / len(positions)) ** (1.0 / 3.0)
+    cutoff = max(MIN_DISTANCE, min(spacing, 3.0))
+    while np.prod(np.maximum(1.0, np.floor(sizes / cutoff))) > _VESIN_MAX_CELLS / 2:
+        cutoff *= 1.1
+    return cutoff
+
+
+def _overlap_problem(
+    positions: npt.NDArray[np.float64],
+    cell: npt.NDArray[np.float64],
+    pbc: npt.NDArray[np.bool_],
+) -> str:
+    """Describe the atoms closer than :data:`MIN_DISTANCE` (periodic images
+    included), or return an empty string."""
+    calculator = vesin.NeighborList(
+        cutoff=_overlap_cutoff(positions, cell, pbc), full_list=False
+    )
+    periodic: bool | npt.NDArray[np.bool_] = pbc if pbc.any() else False
+    try:
+        i, j, shifts, distances = calculator.compute(
+            np.ascontiguousarray(positions), cell, periodic, "ijSd"
+        )
+    except RuntimeError as error:
+        return f"the distances between atoms could not be computed: {error}"
+    close = np.flatnonzero(np.asarray(distances) < MIN_DISTANCE)
+    if close.size == 0:
+        return ""
+    pairs = []
+    for k in close.tolist():
+        first, second = int(i[k]), int(j[k])
+        shift = np.asarray(shifts[k], dtype=np.int64)
+        # report (min, max) with the shift seen from the first; an image of the
+        # atom itself is seen along +shift and -shift: report the first that
+        # starts with a positive component
+        if second < first or (
+            second == first and shift.any() and shift[shift != 0][0] < 0
+        ):
+            first, second, shift = second, first, -shift
+        pairs.append((first, second, float(distances[k]), tuple(shift.tolist())))
+    first, second, distance, shift = min(pairs)
+    if not any(shift):
+        what = f"atoms {first} and {second} are"
+        fix = "remove the duplicate atom or correct its position"
+    elif first == second:
+        what = (
+            f"atom {first} and its own periodic image (shifted by {list(shift)} "
+            "cell vectors) are"
+        )
+        fix = "the periodic cell is too small; check the cell (`Lattice`)"
+    else:
+        what = (
+            f"atom {first} and the periodic image of atom {second} (shifted by "
+            f"{list(shift)} cell vectors) are"
+        )
+        fix = (
+            "the same atom is probably written twice, e.g. at fractional "
+            "coordinates 0 and 1; remove the duplicate or correct its position"
+        )
+    others = (
+        f" ({len(pairs)} pairs of atoms, periodic images included, are this close)"
+        if len(pairs) > 1
+        else ""
+    )
+    return (
+        f"{what} {distance:.3g} Å apart, closer than the minimum of {MIN_DISTANCE} "
+        f"Å{others}; overlapping atoms make the descriptors NaN: {fix}"
+    )
+
+
 def _lookup(atoms: ase.Atoms, key: str, per_atom: bool) -> Any:
     """Value stored under ``key`` in info/arrays or in the calculator results."""
     storage = atoms.arrays if per_atom else atoms.info
@@ -237,9 +385,8 @@ def _read_energy(
             return None
         raise DataError(
             f"{where}: no energy under key `{key}`; available per-frame keys: "
-            f"{_available_keys(atoms, per_atom=False)}. Pass the right key with "
-            "`energy_key=...`, or `require_energy=False` to allow frames without "
-            "energy"
+            f"{_available_keys(atoms, per_atom=False)}; {_ENERGY_KEY_HINT}, or "
+            "remove the frames without energy"
         )
     try:
         energy = float(value)
@@ -261,9 +408,7 @@ def _read_forces(
             return None
         raise DataError(
             f"{where}: no forces under key `{key}`; available per-atom keys: "
-            f"{_available_keys(atoms, per_atom=True)}. Pass the right key with "
-            "`forces_key=...`, or `require_forces=False` to allow frames without "
-            "forces"
+            f"{_available_keys(atoms, per_atom=True)}; {_FORCES_KEY_HINT}"
         )
     try:
         forces = np.array(value, dtype=np.float64)
@@ -306,8 +451,19 @@ def _to_structure(
     if problem:
         raise DataError(f"{where}: {problem}")
     cell[~pbc] = 0.0  # metatomic requires zero cell vectors along non-periodic axes
+    numbers = np.array(atoms.numbers, dtype=np.int64)
+    placeholders = np.flatnonzero(numbers <= 0)
+    if placeholders.size > 0:
+        raise DataError(
+            f"{where}: atoms {placeholders.tolist()} have the species `X` (atomic "
+            "number 0), a placeholder that is not a chemical element; give these "
+            "atoms their element or remove them"
+        )
+    problem = _overlap_problem(positions, cell, pbc)
+    if problem:
+        raise DataError(f"{where}: {problem}")
     return Structure(
-        numbers=np.array(atoms.numbers, dtype=np.int64),
+        numbers=numbers,
         positions=positions,
         cell=cell,
         pbc=pbc,
