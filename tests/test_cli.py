@@ -242,7 +242,12 @@ def test_training_file_with_nan_energy(workdir, tmp_path):
 def test_missing_training_file(tmp_path):
     config = write_config(tmp_path, train="missing.xyz", valid="also-missing.xyz")
     run = run_main(["train", config, "-o", tmp_path / "out"])
-    assert_clean_error(run, str(tmp_path / "missing.xyz"), "not found")
+    assert_clean_error(
+        run,
+        str(tmp_path / "missing.xyz"),
+        "`data.train` of the configuration",
+        "not found",
+    )
 
 
 @pytest.mark.parametrize("model_name", ["model.ckpt", "model.pt"])

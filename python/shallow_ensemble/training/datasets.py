@@ -3,6 +3,7 @@
 from ..config import Config
 from ..data import (
     GraphDataset,
+    Structure,
     atomic_types_of,
     check_atomic_types,
     read_structures,
@@ -15,14 +16,19 @@ class DatasetError(ShallowEnsembleError, ValueError):
     """The configured data cannot be split or combined as asked."""
 
 
-def load_structures(config: Config) -> dict[str, list]:
+def load_structures(config: Config) -> dict[str, list[Structure]]:
     """Train, validation (and test) structures; fractions split ``train`` at random."""
     d = config.data
 
-    def read(path):
-        return read_structures(path, energy_key=d.energy_key, forces_key=d.forces_key)
+    def read(name: str, path: str) -> list[Structure]:
+        return read_structures(
+            path,
+            energy_key=d.energy_key,
+            forces_key=d.forces_key,
+            origin=f"`data.{name}` of the configuration",
+        )
 
-    train = read(d.train)
+    train = read("train", d.train)
     sets = {"train": train}
     fractions = {
         name: value
@@ -49,7 +55,7 @@ def load_structures(config: Config) -> dict[str, list]:
     for name in ("valid", "test"):
         value = getattr(d, name)
         if isinstance(value, str):
-            sets[name] = read(value)
+            sets[name] = read(name, value)
     types = atomic_types_of(sets["train"])
     for name, structures in sets.items():
         if name != "train":
@@ -57,7 +63,9 @@ def load_structures(config: Config) -> dict[str, list]:
     return sets
 
 
-def load_datasets(config: Config, cutoff: float | None = None):
+def load_datasets(
+    config: Config, cutoff: float | None = None
+) -> tuple[list[int], dict[str, GraphDataset]]:
     """Atomic types of the training set and neighbour graphs of every set.
 
     :param cutoff: neighbour-list cutoff (default ``config.model.cutoff``; a model
