@@ -101,7 +101,9 @@ class Strategy:
         heads = list(model.head.parameters())
         head_ids = {id(p) for p in heads}
         backbone = [p for p in model.parameters() if id(p) not in head_ids]
-        heads_lr = c.heads_learning_rate or c.learning_rate
+        heads_lr = (
+            c.learning_rate if c.heads_learning_rate is None else c.heads_learning_rate
+        )
         return [
             {"params": backbone, "lr": c.learning_rate},
             {"params": heads, "lr": heads_lr},

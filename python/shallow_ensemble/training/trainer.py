@@ -338,6 +338,7 @@ def _run_epochs(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             optimizer.step()
             strategy.after_step(model)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch used
         scheduler.step()
         epoch_seconds = time.perf_counter() - start
         elapsed += epoch_seconds
@@ -349,7 +350,7 @@ def _run_epochs(
         row = {
             "epoch": epoch + 1,
             "seconds": round(epoch_seconds, 3),
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "train_loss": train_loss / len(train_set),
             "valid_loss": valid_loss,
             **{f"valid_{k}": v for k, v in parts.items()},

@@ -226,12 +226,6 @@ def test_param_groups_give_heads_their_own_learning_rate(data, start_model):
     assert [g["lr"] for g in default.param_groups(model)] == [LR, LR]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in training/strategies.py Strategy.param_groups: "
-    "`heads_learning_rate or learning_rate` treats an explicit heads_learning_rate "
-    "of 0 (frozen heads) as unset, so the heads are trained at learning_rate",
-)
 def test_heads_learning_rate_zero_leaves_the_heads_unchanged(data, start_model, batch):
     model = copy.deepcopy(start_model)
     strategy = get_strategy(
@@ -356,12 +350,6 @@ def test_cosine_schedule_rates_used_in_training(cosine_run):
         assert got == pytest.approx(want, rel=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in training/trainer.py: the `lr` logged for an epoch is read after "
-    "scheduler.step(), so it is the next epoch's rate (the first row never shows "
-    "learning_rate, the last shows 1% of it although no step used it)",
-)
 def test_logged_lr_is_the_rate_of_that_epoch(cosine_run):
     used, rows = cosine_run
     assert [float(r["lr"]) for r in rows] == pytest.approx(
