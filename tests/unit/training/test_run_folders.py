@@ -221,4 +221,3 @@ def test_an_unusable_output_folder_fails_before_training(data, tmp_path, where):
     # the output is checked first: the missing training file is not reached
     with pytest.raises(OutputError, match="taken"):
         train(config, outdir, progress=False)
-
