@@ -1,6 +1,12 @@
-"""Shared fixtures: bundled structures, small models and graphs."""
+"""Shared fixtures: bundled structures, small models and graphs; and the
+``SHALLOW_ENSEMBLE_REQUIRE_ENGINES=1`` switch (set by ``.ci/run``), under which an
+engine test that skips (no cmake, compiler, Catch2, LAMMPS, i-PI, metatrain, ...)
+fails instead."""
 
+import os
+import re
 from importlib import resources
+from pathlib import Path
 
 import ase
 import ase.io
@@ -133,3 +139,94 @@ def ethanol_frames():
 @pytest.fixture(scope="session")
 def silicon_frames():
     return ase.io.read(SILICON, ":")
+
+
+# --- SHALLOW_ENSEMBLE_REQUIRE_ENGINES=1: engine tests must run, not skip ----------
+
+REQUIRE_ENGINES = "SHALLOW_ENSEMBLE_REQUIRE_ENGINES"
+TESTS = Path(__file__).resolve().parent
+# every skip in these folders of tests/ is an engine skip ...
+ENGINE_FOLDERS = {"engines", "cxx", "metatrain"}
+# ... and anywhere else, a skip whose reason names a tool or a `test` extra
+ENGINE_WORDS = re.compile(
+    r"\b(cmake|ctest|compiler|catch2|lammps|mpich|mpi|mpirun|i-pi|ipi|metatrain|mtt"
+    r"|matplotlib)\b",
+    re.IGNORECASE,
+)
+
+
+def engines_required() -> bool:
+    """Whether ``SHALLOW_ENSEMBLE_REQUIRE_ENGINES`` is set (to anything but 0)."""
+    return os.environ.get(REQUIRE_ENGINES, "").strip() not in ("", "0")
+
+
+def _skip_reason(longrepr) -> str:
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        longrepr = longrepr[2]
+    reason = str(longrepr)
+    return reason[len("Skipped: ") :] if reason.startswith("Skipped: ") else reason
+
+
+def _is_engine_skip(path, reason: str) -> bool:
+    try:
+        folder = Path(path).resolve().relative_to(TESTS).parts[0]
+    except (ValueError, IndexError):
+        folder = None
+    return folder in ENGINE_FOLDERS or ENGINE_WORDS.search(reason) is not None
+
+
+def _required_message(reason: str) -> str:
+    return (
+        f"{REQUIRE_ENGINES}=1: this engine test would have been skipped ({reason}); "
+        "install what it needs (as .ci/run does) instead"
+    )
+
+
+class RequiredEngineMissing(pytest.Item):
+    """Stands for the tests of a module skipped while it was collected."""
+
+    def __init__(self, *, reason: str, **kwargs):
+        super().__init__(**kwargs)
+        self.reason = reason
+
+    def runtest(self):
+        pytest.fail(_required_message(self.reason), pytrace=False)
+
+    def reportinfo(self):
+        return self.path, None, f"{self.name}: {self.reason}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    """A test module skipped on import (``pytest.importorskip``, module-level
+    ``pytest.skip``) becomes one failing test under the switch."""
+    report = yield
+    if (
+        report.skipped
+        and isinstance(collector, pytest.Module)
+        and engines_required()
+        and _is_engine_skip(collector.path, _skip_reason(report.longrepr))
+    ):
+        item = RequiredEngineMissing.from_parent(
+            collector, name="required_engine", reason=_skip_reason(report.longrepr)
+        )
+        report.outcome = "passed"
+        report.longrepr = None
+        report.result = [item]
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """An engine test's skip (in setup, e.g. a session fixture that builds with
+    cmake, or in the test) becomes a failure under the switch; xfails stay."""
+    report = yield
+    if (
+        report.skipped
+        and not hasattr(report, "wasxfail")
+        and engines_required()
+        and _is_engine_skip(item.path, _skip_reason(report.longrepr))
+    ):
+        report.outcome = "failed"
+        report.longrepr = _required_message(_skip_reason(report.longrepr))
+    return report

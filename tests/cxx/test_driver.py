@@ -1,8 +1,10 @@
 """The C++ inference driver (cxx/) against the Python route, on exported models.
 
 The driver is configured and built once per session into ``build/cxx-tests`` at the
-repository root (kept between sessions, so later runs only re-link what changed).
-These tests skip only when cmake or a C++ compiler is missing.
+repository root (kept between sessions, so later runs only re-link what changed;
+test_unit_tests.py builds the Catch2 unit tests there too). These tests skip only when
+cmake or a C++ compiler is missing (and fail then under
+SHALLOW_ENSEMBLE_REQUIRE_ENGINES=1).
 """
 
 import json
@@ -15,12 +17,12 @@ import pytest
 import torch
 from metatensor.torch import Labels
 
-from cmake_build import ROOT, build_target
+from cmake_build import CXX_BUILD, build_target
 from conftest import ETHANOL, SILICON, export_calibrated_model
 from shallow_ensemble.export.predict import load_exported, run_model
 
 
-BUILD = ROOT / "build" / "cxx-tests"
+BUILD = CXX_BUILD
 RTOL = 1e-10
 SYSTEM_OUTPUTS = {
     "energy": "system",
