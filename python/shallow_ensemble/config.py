@@ -33,6 +33,9 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
+    kind: str = "soap_bpnn"
+    """Kind of model trained from scratch (a registered model kind, see
+    :py:mod:`shallow_ensemble.kinds`); the architecture keys below belong to it."""
     num_members: int = 16
     """Ensemble members ``M`` (heads). The reference works used 64; 16 gives
     calibration of similar quality at a quarter of the member-force cost."""
@@ -365,6 +368,13 @@ def _validate(config: Config) -> None:
             "(N: the index of a GPU, from 0)"
         )
     _check_warmup(config)
+    from .kinds import kind_names
+
+    if config.model.kind not in kind_names():
+        raise ConfigError(
+            f"`model.kind` is '{config.model.kind}' but must be one of: "
+            f"{', '.join(kind_names())}"
+        )
     needs_init = ("laplace", "random_heads", "finetune")
     if t.strategy in needs_init and t.init_from is None:
         raise ConfigError(

@@ -19,6 +19,7 @@ from metatomic.torch import System
 
 from .backbones.metatomic_model import MetatomicModelBackbone, batch_to_systems
 from .heads import ShallowEnsembleHead
+from .kinds import register_kind
 from .model import EnsembleModel, Prediction
 
 
@@ -42,6 +43,7 @@ class ResidualEnsembleHead(ShallowEnsembleHead):
         return base.unsqueeze(-1) + deltas
 
 
+@register_kind
 class ExtendedModel(EnsembleModel):
     """An exported metatomic model extended into a shallow ensemble.
 
@@ -54,6 +56,7 @@ class ExtendedModel(EnsembleModel):
     :param feature_size: size of the wrapped model's last-layer features
     """
 
+    kind = "metatomic"
     __jit_ignored_attributes__ = ["_batched_forces"]
 
     def __init__(

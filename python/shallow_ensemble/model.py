@@ -7,8 +7,10 @@ import torch
 
 from .backbones import Backbone
 from .heads import ShallowEnsembleHead
+from .kinds import register_kind
 
 
+@register_kind
 class EnsembleModel(torch.nn.Module):
     """Backbone + :py:class:`ShallowEnsembleHead`, with calibration factors.
 
@@ -28,6 +30,8 @@ class EnsembleModel(torch.nn.Module):
     :param backbone: the shared feature extractor
     :param num_members: number of heads ``M``
     """
+
+    kind = "soap_bpnn"
 
     def __init__(self, backbone: Backbone, num_members: int) -> None:
         super().__init__()
