@@ -18,7 +18,7 @@ import torch
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from conftest import ETHANOL, make_model
-from shallow_ensemble.cli import evaluate as evaluate_command
+from shallow_ensemble import workflows
 from shallow_ensemble.cli.__main__ import main
 from shallow_ensemble.training.checkpoints import save_checkpoint
 
@@ -203,7 +203,7 @@ def no_prediction(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("predicted before checking the output paths")
 
-    monkeypatch.setattr(evaluate_command, "predict", fail)
+    monkeypatch.setattr(workflows, "predict_structures", fail)
 
 
 def test_json_naming_a_folder(no_prediction, ensemble, data, tmp_path):

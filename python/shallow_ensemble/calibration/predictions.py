@@ -1,6 +1,8 @@
 """Ensemble predictions over a dataset, calibration fitting and evaluation."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -8,6 +10,10 @@ from ..errors import CalibrationError
 from ..model import EnsembleModel
 from .metrics import mae, rmse, summary
 from .recalibrate import fit_alpha, stretch_members
+
+
+if TYPE_CHECKING:
+    from ..data import Graph, GraphDataset
 
 
 @dataclass
@@ -52,7 +58,10 @@ class EnsemblePredictions:
 
 
 def predict_dataset(
-    model: EnsembleModel, dataset, batch_size: int = 8, forces: bool = True
+    model: EnsembleModel,
+    dataset: "GraphDataset | Sequence[Graph]",
+    batch_size: int = 8,
+    forces: bool = True,
 ) -> EnsemblePredictions:
     """Uncalibrated member energies (and member forces) of every structure."""
     from ..data import iterate_batches
@@ -230,7 +239,9 @@ def fit_calibration(predictions: EnsemblePredictions) -> dict[str, float]:
     return alphas
 
 
-def _report(y_true, mean, std, num_members: int) -> dict[str, float]:
+def _report(
+    y_true: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, num_members: int
+) -> dict[str, float]:
     report = {"rmse": rmse(y_true, mean), "mae": mae(y_true, mean), "n": y_true.numel()}
     if num_members < 2:
         # a deterministic model has no uncertainty to judge

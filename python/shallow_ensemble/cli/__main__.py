@@ -1,6 +1,8 @@
 """The ``shallow-ensemble`` command."""
 
 import argparse
+import logging
+import os
 import sys
 
 from ..errors import ShallowEnsembleError
@@ -30,9 +32,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class ConsoleHandler(logging.Handler):
+    """Plain messages of the package's loggers: INFO and below on stdout, warnings
+    and errors on stderr, written to the streams current at the time (so that
+    redirecting ``sys.stdout`` catches them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
+            print(self.format(record), file=stream, flush=True)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(debug: bool = False) -> None:
+    """Show the messages of the ``shallow_ensemble`` loggers (INFO, or DEBUG with
+    ``--debug``); under ``torchrun``, only rank 0 shows more than warnings.
+    Calling it again replaces the handler it installed."""
+    package = logging.getLogger("shallow_ensemble")
+    for handler in list(package.handlers):
+        if isinstance(handler, ConsoleHandler):
+            package.removeHandler(handler)
+    handler = ConsoleHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package.addHandler(handler)
+    level = logging.DEBUG if debug else logging.INFO
+    if os.environ.get("RANK", "0") != "0":
+        level = logging.WARNING
+    package.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging(getattr(args, "debug", False))
     try:
         return int(COMMANDS[args.command].run(args) or 0)
     except KeyboardInterrupt:

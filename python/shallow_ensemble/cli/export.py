@@ -1,7 +1,11 @@
-"""``shallow-ensemble export MODEL.ckpt -o model.pt``."""
+"""``shallow-ensemble export MODEL.ckpt -o model.pt``.
+
+The work is done by :py:func:`shallow_ensemble.workflows.export_checkpoint`.
+"""
 
 import argparse
-from pathlib import Path
+
+from .. import workflows
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -24,15 +28,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import export_model
-    from ..training import load_model
-    from ..training.rundir import check_outdir
-
-    output = Path(args.output)
-    if output.is_dir():
-        raise IsADirectoryError(21, "the output is a directory", str(output))
-    check_outdir(output.parent)
-    model = load_model(args.checkpoint)
-    path = export_model(model, args.output, dtype=args.dtype)
+    path = workflows.export_checkpoint(args.checkpoint, args.output, dtype=args.dtype)
     print(f"wrote {path}")
     return 0

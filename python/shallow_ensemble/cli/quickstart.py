@@ -6,12 +6,14 @@ model, printing the energy and its uncertainty as it goes.
 """
 
 import argparse
-from importlib import resources
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
+from .. import workflows
 from ._common import format_metrics
+
+
+if TYPE_CHECKING:
+    from ..training import TrainResult
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -42,16 +44,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..export import export_model
-    from ..training import train
+    # the stage titles and "wrote model.pt" are logged by run_quickstart
+    workflows.run_quickstart(
+        args.output,
+        steps=args.steps,
+        overrides=args.overrides,
+        overwrite=args.overwrite,
+        on_trained=print_training,
+        on_md_step=print_md_step,
+    )
+    return 0
 
-    out = Path(args.output)
-    config_path = resources.files("shallow_ensemble") / "resources" / "quickstart.yaml"
-    with resources.as_file(config_path) as path:
-        config = load_config(path, args.overrides)
-    print(f"== 1. training on {config.data.train} ({config.training.strategy}) ==")
-    result = train(config, out, overwrite=args.overwrite)
+
+def print_training(result: "TrainResult") -> None:
     print(f"trained {len(result.history)} epochs in {result.train_seconds:.1f} s")
     print(
         "calibration: "
@@ -65,66 +70,14 @@ def run(args: argparse.Namespace) -> int:
                 )
             )
 
-    print("\n== 2. export ==")
-    model_path = export_model(result.model, out / "model.pt")
-    print(f"wrote {model_path}")
 
-    print(f"\n== 3. ASE molecular dynamics with {model_path} ==")
-    run_md(model_path, config.data.train, args.steps)
-    return 0
-
-
-def run_md(model_path: Path, xyz: str, steps: int) -> None:
-    """Langevin MD at 300 K, printing energy, its uncertainty and the largest per-atom
-    uncertainty every 20 steps."""
-    import ase.io
-    from ase import units
-    from ase.constraints import FixCom
-    from ase.md.langevin import Langevin
-
-    try:  # ASE >= 3.29
-        from ase.md.velocitydistribution import thermalize_momenta
-    except ImportError:
-        from ase.md.velocitydistribution import (
-            MaxwellBoltzmannDistribution as thermalize_momenta,
-        )
-    from metatomic.torch import ModelOutput
-    from metatomic_ase import MetatomicCalculator
-
-    atoms = ase.io.read(xyz, index=0)
-    calc = MetatomicCalculator(
-        str(model_path),
-        check_consistency=True,
-        uncertainty_threshold=None,
-    )
-    atoms.calc = calc
-    thermalize_momenta(atoms, temperature_K=300, rng=_rng())
-    atoms.set_constraint(FixCom())
-    dyn = Langevin(
-        atoms, 0.5 * units.fs, temperature_K=300, friction=0.02, fixcm=False, rng=_rng()
-    )
-    request = {
-        "energy_uncertainty": ModelOutput(unit="eV", sample_kind="system"),
-    }
-    per_atom = {"energy_uncertainty": ModelOutput(unit="eV", sample_kind="atom")}
-    print(
-        f"{'step':>6}{'E_pot [eV]':>16}{'sigma_E [eV]':>15}"
-        f"{'max sigma_i':>14}{'T [K]':>9}"
-    )
-
-    def report() -> None:
-        sigma = calc.run_model(atoms, request)["energy_uncertainty"].block().values
-        sigma_i = calc.run_model(atoms, per_atom)["energy_uncertainty"].block().values
-        sigma, sigma_i = sigma.detach(), sigma_i.detach()
+def print_md_step(step: workflows.MDStep) -> None:
+    if step.step == 0:
         print(
-            f"{dyn.nsteps:>6}{atoms.get_potential_energy():>16.4f}"
-            f"{float(sigma):>15.4f}{float(sigma_i.max()):>14.4f}"
-            f"{atoms.get_temperature():>9.1f}"
+            f"{'step':>6}{'E_pot [eV]':>16}{'sigma_E [eV]':>15}"
+            f"{'max sigma_i':>14}{'T [K]':>9}"
         )
-
-    dyn.attach(report, interval=20)
-    dyn.run(steps)
-
-
-def _rng() -> np.random.Generator:
-    return np.random.default_rng(0)
+    print(
+        f"{step.step:>6}{step.energy:>16.4f}{step.sigma:>15.4f}"
+        f"{step.max_sigma_atom:>14.4f}{step.temperature:>9.1f}"
+    )

@@ -1,7 +1,12 @@
-"""``shallow-ensemble train CONFIG.yaml -o OUTDIR [--set section.key=value ...]``."""
+"""``shallow-ensemble train CONFIG.yaml -o OUTDIR [--set section.key=value ...]``.
+
+The work is done by :py:func:`shallow_ensemble.config.load_config` and
+:py:func:`shallow_ensemble.training.train`.
+"""
 
 import argparse
 
+from .. import workflows
 from ..config import load_config
 from ._common import format_metrics
 
@@ -37,9 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     result = train(config, args.output, resume=args.resume, overwrite=args.overwrite)
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if not workflows.is_main_process():
         return 0  # under torchrun, rank 0 reports
     print(f"trained in {result.train_seconds:.1f} s, {len(result.history)} epochs")
     calibration = ", ".join(f"{k} = {v:.3f}" for k, v in result.calibration.items())

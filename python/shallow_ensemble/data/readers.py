@@ -178,32 +178,55 @@ def _check_file(filename: str, origin: str | None) -> None:
 
 
 def check_atomic_types(
-    structures: Iterable[Structure], atomic_types: Sequence[int]
+    structures: Iterable[Any],
+    atomic_types: Sequence[int],
+    *,
+    model: str | None = None,
+    where: str = "the data",
 ) -> None:
     """Check that every atom of ``structures`` has one of the ``atomic_types``.
 
-    :param structures: structures to check
+    This is the package's one Python-side check of atomic types (the model's own
+    TorchScript lookup, :py:meth:`~shallow_ensemble.model.EnsembleModel.species_index`,
+    only guards the compiled path): use it before running a model on data.
+
+    :param structures: what to check: :class:`Structure` objects (named by their
+        ``source``, ``path:frame``), other objects with a ``numbers`` array (e.g.
+        :class:`~shallow_ensemble.data.Graph`), or plain atomic numbers (e.g. from
+        :func:`atomic_types_of`); the last two are named by ``where``
     :param atomic_types: atomic numbers the model knows
+    :param model: the model, in words, e.g. ``"the model in 'run/model.ckpt'
+        (`training.init_from`)"``; without it, "the model"
+    :param where: the data, in words, for items without a ``source``
     :raises DataError: naming each unknown element with the first structure
-        (``path:frame``) that contains it
+        (``path:frame``, or ``where``) that contains it, and the known elements
     """
     allowed = set(int(z) for z in atomic_types)
     first_seen: dict[int, str] = {}
-    for structure in structures:
-        for z in np.unique(structure.numbers).tolist():
+    for item in structures:
+        if isinstance(item, int | np.integer):
+            numbers, source = [int(item)], where
+        else:
+            numbers = np.unique(np.asarray(item.numbers)).tolist()
+            source = getattr(item, "source", None) or where
+        for z in numbers:
             if z not in allowed and z not in first_seen:
-                first_seen[z] = structure.source
+                first_seen[z] = source
     if not first_seen:
         return
     unknown = ", ".join(
         f"`{_symbol(z)}` (Z={z}) in {source}" for z, source in first_seen.items()
     )
-    known = ", ".join(_symbol(z) for z in sorted(allowed))
+    symbols = "[" + ", ".join(_symbol(z) for z in sorted(allowed)) + "]"
+    if model is None:
+        known = f"the model's atomic types {symbols}"
+    else:
+        known = f"the atomic types {symbols} of {model}"
     verb = "is not one" if len(first_seen) == 1 else "are not"
     among = "of" if len(first_seen) == 1 else "among"
     raise DataError(
-        f"{unknown} {verb} {among} the model's atomic types [{known}]; remove these "
-        "structures or use a model trained with these atomic types"
+        f"{unknown} {verb} {among} {known}; remove these structures or use a model "
+        "trained with these atomic types"
     )
 
 
@@ -326,20 +349,20 @@ def _overlap_problem(
         ):
             first, second, shift = second, first, -shift
         pairs.append((first, second, float(distances[k]), tuple(shift.tolist())))
-    first, second, distance, shift = min(pairs)
-    if not any(shift):
+    first, second, distance, image_shift = min(pairs)
+    if not any(image_shift):
         what = f"atoms {first} and {second} are"
         fix = "remove the duplicate atom or correct its position"
     elif first == second:
         what = (
-            f"atom {first} and its own periodic image (shifted by {list(shift)} "
+            f"atom {first} and its own periodic image (shifted by {list(image_shift)} "
             "cell vectors) are"
         )
         fix = "the periodic cell is too small; check the cell (`Lattice`)"
     else:
         what = (
             f"atom {first} and the periodic image of atom {second} (shifted by "
-            f"{list(shift)} cell vectors) are"
+            f"{list(image_shift)} cell vectors) are"
         )
         fix = (
             "the same atom is probably written twice, e.g. at fractional "
