@@ -203,7 +203,7 @@ def no_prediction(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("predicted before checking the output paths")
 
-    monkeypatch.setattr(workflows, "predict_structures", fail)
+    monkeypatch.setattr(workflows.evaluation, "predict_structures", fail)
 
 
 def test_json_naming_a_folder(no_prediction, ensemble, data, tmp_path):
