@@ -14,85 +14,95 @@ trains the deviations (heads only) or also the wrapped TorchScript module's
 parameters (full) with the joint energy + force NLL.
 """
 
+from typing import TYPE_CHECKING, Any
+
 import torch
-from metatomic.torch import System
+from metatomic.torch import NeighborListOptions, System
 
 from .backbones.metatomic_model import MetatomicModelBackbone, batch_to_systems
-from .heads import ShallowEnsembleHead
-from .kinds import register_kind
-from .model import EnsembleModel, Prediction
+from .heads import ResidualEnsembleHead
+from .kinds import (
+    ModelKind,
+    Prediction,
+    check_forces_mode,
+    register_kind,
+    sum_per_system,
+)
 
 
-class ResidualEnsembleHead(ShallowEnsembleHead):
-    """Member deviations added to a base per-atom energy.
-
-    ``e_ik = base_i + s (w_k . f_i + b_k)``; the weights start at zero (a single
-    member equal to the base model). The composition baseline is not used: the base
-    energy already contains the wrapped model's own baseline.
-    """
-
-    def __init__(self, feature_size: int, num_members: int, n_types: int) -> None:
-        super().__init__(feature_size, num_members, n_types)
-        with torch.no_grad():
-            self.weight.zero_()
-
-    def forward(self, features: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """Per-atom member energies ``(n_atoms, n_members)`` from features and base
-        energies ``(n_atoms,)``."""
-        deltas = self.energy_scale * (features @ self.weight.T + self.bias)
-        return base.unsqueeze(-1) + deltas
+if TYPE_CHECKING:
+    from .data import Batch, GraphDataset
 
 
 @register_kind
-class ExtendedModel(EnsembleModel):
-    """An exported metatomic model extended into a shallow ensemble.
+class ExtendedModel(ModelKind):
+    """An exported metatomic model extended into a shallow ensemble (kind
+    ``metatomic``).
 
-    Training, Laplace sampling, calibration and checkpoints treat it as any
-    :py:class:`~shallow_ensemble.model.EnsembleModel`; the scripted path
-    (:py:meth:`forward`) takes metatomic systems, as the wrapped model does.
+    Training, Laplace sampling, calibration and checkpoints treat it as any model
+    kind; its scripted path (:py:meth:`forward`, also its exported module) takes
+    metatomic systems, as the wrapped model does.
 
     :param backbone: the wrapped model
     :param num_members: number of heads
-    :param feature_size: size of the wrapped model's last-layer features
     """
 
     kind = "metatomic"
     __jit_ignored_attributes__ = ["_batched_forces"]
 
-    def __init__(
-        self, backbone: MetatomicModelBackbone, num_members: int, feature_size: int
-    ) -> None:
-        backbone.feature_size = int(feature_size)
-        super().__init__(backbone, num_members)  # type: ignore[arg-type]
-        self.head = ResidualEnsembleHead(
-            int(feature_size), num_members, len(self.atomic_types)
-        )
+    def __init__(self, backbone: MetatomicModelBackbone, num_members: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.atomic_types = list(backbone.atomic_types)
+        self.cutoff = float(backbone.cutoff)
+        self.head = ResidualEnsembleHead(backbone.feature_size, num_members)
         self._batched_forces: bool | None = None
         for parameter in self.parameters():  # loaded TorchScript models are frozen
             parameter.requires_grad_(True)
 
-    def forward(self, systems: list[System]) -> torch.Tensor:  # type: ignore[override]
-        """Uncalibrated per-atom member energies ``(n_atoms, n_members)``, eV."""
+    def forward(self, systems: list[System]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uncalibrated per-atom member energies ``(n_atoms, n_members)``, eV, and
+        the wrapped model's last-layer features ``(n_atoms, F)``."""
         features, base = self.backbone(systems)
-        return self.head(features, base)
+        return self.head(features, base), features
 
-    @torch.jit.unused
+    @torch.jit.export
+    def requested_neighbor_lists(self) -> list[NeighborListOptions]:
+        return self.backbone.neighbor_options
+
+    # ------------------------------------------------------------- the contract --
+    def hypers(self) -> dict[str, Any]:
+        return {
+            "model_bytes": self.backbone.source,
+            "features_output": self.backbone.features_output,
+            "feature_size": self.backbone.feature_size,
+            "num_members": self.num_members,
+        }
+
+    @classmethod
+    def from_hypers(cls, hypers: dict[str, Any]) -> "ExtendedModel":
+        wrapped = MetatomicModelBackbone.from_bytes(
+            hypers["model_bytes"], hypers["features_output"], hypers["feature_size"]
+        )
+        return cls(wrapped, int(hypers["num_members"]))
+
+    def exported_module(self) -> torch.nn.Module:
+        return self
+
+    def describe(self) -> str:
+        return f"the metatomic model '{self.backbone.model_name}'"
+
     def predict(
-        self, batch, forces: str = "none", create_graph: bool = False
+        self, batch: "Batch", forces: str = "none", create_graph: bool = False
     ) -> Prediction:
         """Member energies (and forces, by autograd through the wrapped model)."""
-        if forces not in ("none", "mean", "members"):
-            raise ValueError(
-                f"`forces` is '{forces}' but must be 'none', 'mean' or 'members'"
-            )
+        check_forces_mode(forces)
         positions = batch.positions
         if forces != "none":
             positions = positions.detach().requires_grad_(True)
         systems = batch_to_systems(batch, positions, self.backbone.neighbor_options)
-        atomic = self(systems)
-        energies = torch.zeros(
-            (batch.n_systems, atomic.shape[1]), dtype=atomic.dtype, device=atomic.device
-        ).index_add(0, batch.system_index, atomic)
+        atomic, _ = self(systems)
+        energies = sum_per_system(atomic, batch)
         member_forces = None
         if forces == "mean":
             (grad,) = torch.autograd.grad(
@@ -103,7 +113,6 @@ class ExtendedModel(EnsembleModel):
             member_forces = -self._member_gradients(energies, positions, create_graph)
         return Prediction(atomic=atomic, energies=energies, forces=member_forces)
 
-    @torch.jit.unused
     def _member_gradients(
         self, energies: torch.Tensor, positions: torch.Tensor, create_graph: bool
     ) -> torch.Tensor:
@@ -140,8 +149,7 @@ class ExtendedModel(EnsembleModel):
             grads.append(grad)
         return torch.stack(grads)
 
-    @torch.jit.unused
-    def head_design(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def head_design(self, batch: "Batch") -> tuple[torch.Tensor, torch.Tensor]:
         """Per-atom ``phi_i = s (f_i, 1)`` and offsets (the base energies), float64."""
         with torch.no_grad():
             systems = batch_to_systems(
@@ -150,15 +158,11 @@ class ExtendedModel(EnsembleModel):
             features, base = self.backbone(systems)
         return self._design(features), base.double()
 
-    @torch.jit.unused
-    def fit_baseline(self, counts, energies, n_atoms) -> None:
-        raise NotImplementedError("the wrapped model keeps its own energy baseline")
-
 
 @torch.no_grad()
 def extend_metatomic_model(
     path: str,
-    train_set,
+    train_set: "GraphDataset",
     features_output: str = "auto",
     dtype: torch.dtype = torch.float64,
     batch_size: int = 8,
@@ -173,20 +177,14 @@ def extend_metatomic_model(
     backbone = MetatomicModelBackbone.from_file(path, features_output)
     train_types = sorted({int(z) for g in train_set.graphs for z in g.numbers})
     backbone.check_atomic_types(train_types, "the training set")
-    backbone = backbone.to(dtype)
+    model = ExtendedModel(backbone, 1).to(dtype)
     errors2, n_atoms = [], []
-    feature_size = 0
     for batch in iterate_batches(train_set, batch_size, shuffle=False):
         batch = batch.to(dtype=dtype)
-        systems = batch_to_systems(batch, batch.positions, backbone.neighbor_options)
-        features, base = backbone(systems)
-        feature_size = features.shape[1]
-        energy = torch.zeros(batch.n_systems, dtype=dtype).index_add(
-            0, batch.system_index, base
-        )
+        energy = model.predict(batch).energies[:, 0]
+        assert batch.energy is not None, "training data have energies"
         errors2.append((batch.energy - energy).double() ** 2)
         n_atoms.append(batch.n_atoms.double())
-    model = ExtendedModel(backbone, 1, feature_size).to(dtype)
     scale = torch.sqrt((torch.cat(errors2) / torch.cat(n_atoms)).mean())
     model.head.energy_scale.fill_(float(torch.clamp(scale, min=1e-3)))
     return model

@@ -1,23 +1,75 @@
-"""The shallow-ensemble model: a backbone, ensemble heads and calibration factors."""
+"""Ensembles on pair-vector backbones: a backbone, ensemble heads and calibration.
 
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+:py:class:`BackboneEnsemble` implements the model contract
+(:py:class:`~shallow_ensemble.kinds.ModelKind`) once for every
+:py:class:`~shallow_ensemble.backbones.Backbone`; its kinds are
+:py:class:`EnsembleModel` (``soap_bpnn``), :py:class:`StackedEnsemble` (``stacked``,
+a deep ensemble) and any new backbone's (a subclass naming ``kind`` and
+``backbone_class``).
+"""
+
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
+from metatomic.torch import NeighborListOptions, System
 
-from .backbones import Backbone
+from .backbones import Backbone, SoapBpnn, StackedBackbone
 from .heads import ShallowEnsembleHead
-from .kinds import register_kind
+from .kinds import (
+    KindError,
+    ModelKind,
+    Prediction,
+    check_forces_mode,
+    get_kind,
+    register_kind,
+    sum_per_system,
+)
 
 
-@register_kind
-class EnsembleModel(torch.nn.Module):
-    """Backbone + :py:class:`ShallowEnsembleHead`, with calibration factors.
+if TYPE_CHECKING:
+    from .config import ModelConfig
+    from .data import Batch, GraphDataset
 
-    The scripted path (:py:meth:`forward`) returns per-atom member energies; the
-    exported metatomic model sums them, averages them and takes their spread. Training
-    and evaluation use :py:meth:`predict`, which also gives member forces for all
-    members at once (no loop over members).
+
+__all__ = [
+    "BackboneEnsemble",
+    "EnsembleModel",
+    "PairEnsembleModule",
+    "Prediction",
+    "StackedEnsemble",
+    "pair_forces_to_atoms",
+]
+
+
+def species_index(
+    type_to_index: torch.Tensor, atomic_types: List[int], numbers: torch.Tensor
+) -> torch.Tensor:
+    """Index of each atomic number in ``atomic_types``; errors if unknown."""
+    n_lookup = type_to_index.shape[0]
+    inside = (numbers >= 0) & (numbers < n_lookup)
+    species = type_to_index.index_select(0, torch.clamp(numbers, 0, n_lookup - 1))
+    unknown = (~inside) | (species < 0)
+    if bool(unknown.any()):
+        bad = int(numbers[unknown][0])
+        raise ValueError(
+            "atomic type "
+            + str(bad)
+            + " is not one of the model's atomic types "
+            + str(atomic_types)
+        )
+    return species
+
+
+class BackboneEnsemble(ModelKind):
+    """A :py:class:`~shallow_ensemble.backbones.Backbone` and a
+    :py:class:`~shallow_ensemble.heads.ShallowEnsembleHead`, with calibration factors.
+
+    The scripted path (:py:meth:`forward`) returns per-atom member energies of a pair
+    graph; the exported module (:py:class:`PairEnsembleModule`) builds that graph
+    from the engine's neighbour list. Training and evaluation use :py:meth:`predict`,
+    which also gives member forces for all members at once (the backbone's
+    :py:meth:`~shallow_ensemble.backbones.Backbone.vectors_vjp`, no loop over
+    members).
 
     Calibration (fitted on validation data, 1 before that) is stored here so that it
     travels in checkpoints and exports:
@@ -27,16 +79,29 @@ class EnsembleModel(torch.nn.Module):
     - ``alpha_atom`` scales the per-atom energy uncertainty (see
       :py:meth:`calibrated_atomic_energies`).
 
+    A kind on a new backbone is a registered subclass naming ``kind`` and
+    ``backbone_class`` (whose ``hypers``/``from_hypers``/``from_config`` rebuild
+    it).
+
     :param backbone: the shared feature extractor
     :param num_members: number of heads ``M``
     """
 
-    kind = "soap_bpnn"
+    #: the backbone of this kind (``None``: the subclass builds its own)
+    backbone_class: Optional[Type[Backbone]] = None
+    from_scratch = True
 
     def __init__(self, backbone: Backbone, num_members: int) -> None:
         super().__init__()
+        expected = type(self).backbone_class
+        if expected is not None and not isinstance(backbone, expected):
+            raise TypeError(
+                f"a '{self.kind}' model needs a {expected.__name__} backbone, not "
+                f"{type(backbone).__name__}"
+            )
         self.backbone = backbone
         self.atomic_types: List[int] = list(backbone.atomic_types)
+        self.cutoff = float(backbone.cutoff)
         self.head = ShallowEnsembleHead(
             backbone.feature_size, num_members, len(self.atomic_types)
         )
@@ -44,31 +109,10 @@ class EnsembleModel(torch.nn.Module):
         for i, z in enumerate(self.atomic_types):
             lookup[z] = i
         self.register_buffer("type_to_index", lookup)
-        self.register_buffer("alpha_energy", torch.ones(()))
-        self.register_buffer("alpha_forces", torch.ones(()))
-        self.register_buffer("alpha_atom", torch.ones(()))
-
-    @property
-    def num_members(self) -> int:
-        return self.head.num_members
 
     def species_index(self, numbers: torch.Tensor) -> torch.Tensor:
         """Index of each atomic number in :py:attr:`atomic_types`; errors if unknown."""
-        n_lookup = self.type_to_index.shape[0]
-        inside = (numbers >= 0) & (numbers < n_lookup)
-        species = self.type_to_index.index_select(
-            0, torch.clamp(numbers, 0, n_lookup - 1)
-        )
-        unknown = (~inside) | (species < 0)
-        if bool(unknown.any()):
-            bad = int(numbers[unknown][0])
-            raise ValueError(
-                "atomic type "
-                + str(bad)
-                + " is not one of the model's atomic types "
-                + str(self.atomic_types)
-            )
-        return species
+        return species_index(self.type_to_index, self.atomic_types, numbers)
 
     def forward(
         self,
@@ -81,48 +125,36 @@ class EnsembleModel(torch.nn.Module):
         features = self.backbone(vectors, centers, neighbors, species)
         return self.head(features, species)
 
-    def calibrated_atomic_energies(
-        self, atomic: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Apply the calibration to per-atom member energies ``(n_atoms, M)``.
+    # ------------------------------------------------------------- the contract --
+    def hypers(self) -> Dict[str, Any]:
+        return {"backbone": self.backbone.hypers(), "num_members": self.num_members}
 
-        Returns the calibrated per-atom ensemble and the per-atom uncertainty. The
-        ensemble is stretched around its mean by ``alpha_energy`` in value and by
-        ``alpha_forces`` in gradient, so that summed member energies and autograd
-        member forces are both calibrated; the per-atom uncertainty is the per-atom
-        member spread times ``alpha_atom`` (per-atom spreads do not add up; the
-        per-atom ensemble does).
-        """
-        mean = atomic.mean(dim=-1, keepdim=True)
-        delta = atomic - mean
-        ensemble = (
-            mean
-            + self.alpha_forces * delta
-            + (self.alpha_energy - self.alpha_forces) * delta.detach()
-        )
-        if atomic.shape[-1] > 1:
-            std = atomic.std(dim=-1)
-        else:
-            std = torch.zeros_like(atomic[:, 0])
-        return ensemble, self.alpha_atom * std
+    @classmethod
+    def from_hypers(cls, hypers: Dict[str, Any]) -> "BackboneEnsemble":
+        if cls.backbone_class is None:
+            raise NotImplementedError(f"{cls.__name__} has no `backbone_class`")
+        backbone = cls.backbone_class.from_hypers(hypers["backbone"])
+        return cls(backbone, num_members=int(hypers["num_members"]))
 
-    # ---------------------------------------------------------------- eager only --
-    @torch.jit.unused
+    @classmethod
+    def from_config(
+        cls, model_config: "ModelConfig", atomic_types: List[int], num_members: int
+    ) -> "BackboneEnsemble":
+        if not cls.from_scratch or cls.backbone_class is None:
+            return super().from_config(model_config, atomic_types, num_members)
+        backbone = cls.backbone_class.from_config(model_config, atomic_types)
+        return cls(backbone, num_members=num_members)
+
+    def exported_module(self) -> torch.nn.Module:
+        return PairEnsembleModule(self)
+
     def predict(
-        self, batch, forces: str = "none", create_graph: bool = False
-    ) -> "Prediction":
-        """Member energies (and forces) of a :py:class:`~shallow_ensemble.data.Batch`.
-
-        :param batch: the structures
-        :param forces: ``"none"``, ``"mean"`` (forces of the mean energy only, one
-            pass) or ``"members"`` (forces of every member, one batched pass)
-        :param create_graph: keep the graph of the forces for a force loss
-        :return: uncalibrated :py:class:`Prediction`
-        """
-        if forces not in ("none", "mean", "members"):
-            raise ValueError(
-                f"`forces` is '{forces}' but must be 'none', 'mean' or 'members'"
-            )
+        self, batch: "Batch", forces: str = "none", create_graph: bool = False
+    ) -> Prediction:
+        """Member energies (and forces) of a :py:class:`~shallow_ensemble.data.Batch`
+        (see :py:meth:`~shallow_ensemble.kinds.ModelKind.predict`); member forces in
+        one batched pass, ``"mean"`` forces by one plain backward pass."""
+        check_forces_mode(forces)
         species = self.species_index(batch.numbers)
         vectors = batch.pair_vectors()
         grad_mode = torch.is_grad_enabled()
@@ -130,9 +162,7 @@ class EnsembleModel(torch.nn.Module):
             vectors = vectors.detach().requires_grad_(True)
         with torch.set_grad_enabled(grad_mode or forces == "mean"):
             atomic = self(vectors, batch.centers, batch.neighbors, species)
-        energies = torch.zeros(
-            (batch.n_systems, atomic.shape[1]), dtype=atomic.dtype, device=atomic.device
-        ).index_add(0, batch.system_index, atomic)
+        energies = sum_per_system(atomic, batch)
 
         member_forces: Optional[torch.Tensor] = None
         if forces == "mean":
@@ -163,17 +193,9 @@ class EnsembleModel(torch.nn.Module):
             )
         return Prediction(atomic=atomic, energies=energies, forces=member_forces)
 
-    @torch.jit.unused
-    def head_design(self, batch) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per-atom features in which the heads are linear, and per-atom offsets.
-
-        Member energies are :math:`e_i = \\phi_i \\cdot \\theta + o_i` with
-        :math:`\\theta = (w, b)`, :math:`\\phi_i = s (f_i, 1)` and the composition
-        baseline as offset :math:`o_i` (the last-layer Laplace approximation works
-        in this space).
-
-        :return: ``phi`` ``(n_atoms, F + 1)`` and offsets ``(n_atoms,)``, float64
-        """
+    def head_design(self, batch: "Batch") -> Tuple[torch.Tensor, torch.Tensor]:
+        """``phi_i = s (f_i, 1)`` and the composition baseline as offsets, float64
+        (see :py:meth:`~shallow_ensemble.kinds.ModelKind.head_design`)."""
         with torch.no_grad():
             species = self.species_index(batch.numbers)
             features = self.backbone(
@@ -181,15 +203,33 @@ class EnsembleModel(torch.nn.Module):
             )
         return self._design(features), self.head.composition.double()[species]
 
-    @torch.jit.unused
-    def _design(self, features: torch.Tensor) -> torch.Tensor:
-        """``phi_i = s (f_i, 1)``, float64, from per-atom last-layer features."""
-        features = features.double()
-        return self.head.energy_scale.double() * torch.cat(
-            [features, torch.ones_like(features[:, :1])], dim=1
+    def init_from_data(self, dataset: "GraphDataset") -> None:
+        """Descriptor standardisation (on up to 32 structures), composition baseline
+        and energy scale (on all of them)."""
+        graphs = [dataset[i] for i in range(min(len(dataset), 32))]
+        self.backbone.fit_normalization(
+            [
+                [
+                    g.pair_vectors(),
+                    g.centers,
+                    g.neighbors,
+                    self.species_index(g.numbers),
+                ]
+                for g in graphs
+            ]
         )
+        n_types = len(self.atomic_types)
+        counts = torch.zeros(len(dataset), n_types, dtype=torch.float64)
+        energies = torch.zeros(len(dataset), dtype=torch.float64)
+        n_atoms = torch.zeros(len(dataset), dtype=torch.float64)
+        for i in range(len(dataset)):
+            g = dataset[i]
+            counts[i] = torch.bincount(self.species_index(g.numbers), minlength=n_types)
+            assert g.energy is not None, "training data have energies"
+            energies[i] = g.energy
+            n_atoms[i] = len(g.numbers)
+        self.fit_baseline(counts, energies, n_atoms)
 
-    @torch.jit.unused
     def fit_baseline(
         self, counts: torch.Tensor, energies: torch.Tensor, n_atoms: torch.Tensor
     ) -> None:
@@ -208,23 +248,156 @@ class EnsembleModel(torch.nn.Module):
         # typical per-atom residual, assuming independent atomic contributions
         scale = torch.sqrt((residual**2 / n_atoms.to(torch.float64)).mean())
         scale = torch.clamp(scale, min=1e-3)
-        self.head.composition.copy_(composition.to(self.head.composition))
-        self.head.energy_scale.copy_(scale.to(self.head.energy_scale))
+        with torch.no_grad():
+            self.head.composition.copy_(composition.to(self.head.composition))
+            self.head.energy_scale.copy_(scale.to(self.head.energy_scale))
 
 
-@dataclass
-class Prediction:
-    """Uncalibrated model outputs for a batch.
+@register_kind
+class EnsembleModel(BackboneEnsemble):
+    """The SOAP-BPNN shallow ensemble (kind ``soap_bpnn``): a
+    :py:class:`~shallow_ensemble.backbones.SoapBpnn` backbone and ``M`` heads.
 
-    :param atomic: per-atom member energies, ``(n_atoms, n_members)``, eV
-    :param energies: member energies, ``(n_systems, n_members)``, eV
-    :param forces: member forces ``(n_members, n_atoms, 3)`` (or ``(1, n_atoms, 3)``
-        for the forces of the mean energy), eV/angstrom; ``None`` if not computed
+    :param backbone: the SOAP-BPNN backbone
+    :param num_members: number of heads ``M``
     """
 
-    atomic: torch.Tensor
-    energies: torch.Tensor
-    forces: Optional[torch.Tensor]
+    kind = "soap_bpnn"
+    backbone_class = SoapBpnn
+
+    def describe(self) -> str:
+        return f"a SOAP-BPNN backbone (cutoff {self.cutoff} A)"
+
+
+@register_kind
+class StackedEnsemble(BackboneEnsemble):
+    """A deep ensemble as one model (kind ``stacked``): member ``k`` has its own
+    backbone, of the registered kind ``member_kind``.
+
+    The backbones' features are concatenated (a
+    :py:class:`~shallow_ensemble.backbones.StackedBackbone`) and the heads' weights
+    are block-diagonal (member ``k`` reads only block ``k``), so that ``N``
+    independently trained models export, calibrate and run in engines like a shallow
+    ensemble. Built from trained models by :py:meth:`from_members`.
+
+    :param backbones: the members' backbones
+    :param member_kind: the kind of the stacked models
+    :param num_members: number of heads (``len(backbones)`` once stacked)
+    """
+
+    kind = "stacked"
+    from_scratch = False
+
+    def __init__(
+        self, backbones: List[Backbone], member_kind: str, num_members: int
+    ) -> None:
+        super().__init__(StackedBackbone(backbones), num_members)
+        self.member_kind = str(member_kind)
+
+    def hypers(self) -> Dict[str, Any]:
+        return {
+            "member_kind": self.member_kind,
+            "backbones": [b.hypers() for b in self.backbone.backbones],
+            "num_members": self.num_members,
+        }
+
+    @classmethod
+    def from_hypers(cls, hypers: Dict[str, Any]) -> "StackedEnsemble":
+        member = get_kind(hypers["member_kind"])
+        backbones = [member.backbone_class.from_hypers(h) for h in hypers["backbones"]]
+        return cls(backbones, hypers["member_kind"], int(hypers["num_members"]))
+
+    @classmethod
+    def from_members(cls, models: Sequence[ModelKind]) -> "StackedEnsemble":
+        """One model whose member ``k`` is ``models[k]`` (their mean head).
+
+        The models must be of one pair-vector kind (a :py:class:`BackboneEnsemble`
+        with a ``backbone_class``) and share their composition baseline and energy
+        scale (true for models trained on the same data, which fit them by least
+        squares).
+        """
+        members = [m for m in models if isinstance(m, BackboneEnsemble)]
+        kinds = sorted({model.kind for model in models})
+        if len(members) != len(models) or len(kinds) != 1:
+            raise KindError(
+                f"only models of one pair-vector kind can be stacked, not {kinds}"
+            )
+        first = members[0]
+        if first.backbone_class is None:
+            raise KindError(f"'{first.kind}' models cannot be stacked again")
+        for other in members[1:]:
+            if not (
+                torch.allclose(other.head.composition, first.head.composition)
+                and torch.allclose(other.head.energy_scale, first.head.energy_scale)
+            ):
+                raise ValueError(
+                    "deep-ensemble members have different energy baselines"
+                )
+        backbones = [member.backbone for member in members]
+        stacked = cls(backbones, first.kind, num_members=len(members))
+        stacked = stacked.to(first.head.weight.dtype)
+        block = first.head.feature_size
+        weight = torch.zeros(len(models), block * len(models), dtype=torch.float64)
+        bias = torch.zeros(len(models), dtype=torch.float64)
+        for k, member in enumerate(members):
+            weight[k, k * block : (k + 1) * block] = member.head.weight.mean(dim=0)
+            bias[k] = member.head.bias.mean()
+        stacked.head.set_members(weight, bias)
+        with torch.no_grad():
+            stacked.head.composition.copy_(first.head.composition)
+            stacked.head.energy_scale.copy_(first.head.energy_scale)
+        return stacked
+
+    def describe(self) -> str:
+        return (
+            f"{len(self.backbone.backbones)} stacked '{self.member_kind}' backbones "
+            f"(a deep ensemble, cutoff {self.cutoff} A)"
+        )
+
+
+class PairEnsembleModule(torch.nn.Module):
+    """The exported module of a :py:class:`BackboneEnsemble`: per-atom member
+    energies and last-layer features of metatomic systems, from the engine's full
+    neighbour list at the backbone's cutoff (see
+    :py:meth:`~shallow_ensemble.kinds.ModelKind.exported_module`)."""
+
+    def __init__(self, model: BackboneEnsemble) -> None:
+        super().__init__()
+        self.backbone = model.backbone
+        self.head = model.head
+        self.atomic_types = list(model.atomic_types)
+        self.register_buffer("type_to_index", model.type_to_index)
+        self.neighbors = NeighborListOptions(
+            cutoff=model.cutoff, full_list=True, strict=True
+        )
+
+    @torch.jit.export
+    def requested_neighbor_lists(self) -> List[NeighborListOptions]:
+        return [self.neighbors]
+
+    def forward(self, systems: List[System]) -> Tuple[torch.Tensor, torch.Tensor]:
+        vectors: List[torch.Tensor] = []
+        centers: List[torch.Tensor] = []
+        neighbors: List[torch.Tensor] = []
+        species: List[torch.Tensor] = []
+        offset = 0
+        for system in systems:
+            nl = system.get_neighbor_list(self.neighbors)
+            pairs = nl.samples.values
+            vectors.append(nl.values.reshape(-1, 3))
+            centers.append(pairs[:, 0].to(torch.long) + offset)
+            neighbors.append(pairs[:, 1].to(torch.long) + offset)
+            species.append(
+                species_index(
+                    self.type_to_index, self.atomic_types, system.types.to(torch.long)
+                )
+            )
+            offset += len(system)
+        species_all = torch.cat(species)
+        features = self.backbone(
+            torch.cat(vectors), torch.cat(centers), torch.cat(neighbors), species_all
+        )
+        return self.head(features, species_all), features
 
 
 def pair_forces_to_atoms(

@@ -26,7 +26,6 @@ from shallow_ensemble.export import export_model
 from shallow_ensemble.export.predict import load_exported, run_model
 from shallow_ensemble.extended import ExtendedModel, extend_metatomic_model
 from shallow_ensemble.training import load_model, run_protocol
-from shallow_ensemble.training.checkpoints import save_checkpoint
 from shallow_ensemble.training.initialization import (
     init_data_dependent,
     laplace_heads,
@@ -149,16 +148,6 @@ def test_batched_and_looped_member_forces_agree(laplace_model, datasets):
     finally:
         laplace_model._batched_forces = None
     torch.testing.assert_close(batched, looped, rtol=1e-12, atol=1e-12)
-
-
-def test_checkpoint_round_trip(laplace_model, datasets, tmp_path):
-    save_checkpoint(tmp_path / "model.ckpt", laplace_model)
-    reloaded = load_model(tmp_path / "model.ckpt")
-    assert isinstance(reloaded, ExtendedModel)
-    batch = collate([datasets["test"][i] for i in range(2)])
-    torch.testing.assert_close(
-        reloaded.predict(batch).energies, laplace_model.predict(batch).energies
-    )
 
 
 @pytest.fixture(scope="module")

@@ -240,23 +240,6 @@ def test_predict_member_forces(ethanol_batch):
     assert not torch.allclose(members.forces[0], members.forces[1])
 
 
-def test_member_forces_are_minus_gradients_of_member_energies(ethanol_batch):
-    model = make_model([1, 6, 8], num_members=3, seed=4)
-    batch = ethanol_batch
-    members = model.predict(batch, forces="members")
-    positions = batch.positions.clone().requires_grad_(True)
-    batch.positions, saved = positions, batch.positions
-    try:
-        energies = model.predict(batch).energies
-    finally:
-        batch.positions = saved
-    for k in range(3):
-        (grad,) = torch.autograd.grad(
-            energies[:, k].sum(), positions, retain_graph=True
-        )
-        torch.testing.assert_close(members.forces[k], -grad, rtol=1e-9, atol=1e-10)
-
-
 def test_predict_rejects_an_unknown_forces_mode(ethanol_batch):
     model = make_model([1, 6, 8])
     with pytest.raises(ValueError, match="`forces` is 'bad' but must be"):
@@ -267,3 +250,49 @@ def test_predict_rejects_unknown_elements(ethanol_batch):
     model = make_model([1, 6])
     with pytest.raises(ValueError, match="atomic type 8 is not one of"):
         model.predict(ethanol_batch)
+
+
+# ------------------------------------------------------------------ kinds --
+def test_a_kind_checks_its_backbone():
+    from shallow_ensemble.backbones import StackedBackbone
+    from shallow_ensemble.model import EnsembleModel
+
+    backbone = StackedBackbone([make_model([1, 8]).backbone])
+    with pytest.raises(TypeError, match="needs a SoapBpnn backbone"):
+        EnsembleModel(backbone, 2)
+
+
+def test_stacking_needs_models_of_one_pair_vector_kind_and_baseline():
+    from shallow_ensemble.kinds import KindError
+    from shallow_ensemble.training.initialization import stack_models
+
+    first, second = make_model([1, 8], num_members=1), make_model([1, 8], seed=1)
+    with pytest.raises(ValueError, match="different energy baselines"):
+        stack_models([first, second])
+    second.head.composition.copy_(first.head.composition)
+    stacked = stack_models([first, second])
+    assert stacked.kind == "stacked" and stacked.num_members == 2
+    with pytest.raises(KindError, match="cannot be stacked again"):
+        stack_models([stacked, stacked])
+
+
+def test_kinds_that_cannot_be_trained_from_scratch(tmp_path):
+    from conftest import tiny_config
+    from shallow_ensemble.kinds import KindError, get_kind
+    from shallow_ensemble.training.initialization import build_model
+
+    config = tiny_config(tmp_path)
+    assert type(build_model(config, [1, 8], 3)) is get_kind("soap_bpnn")
+    for kind in ("stacked", "metatomic"):
+        with pytest.raises(KindError, match=f"'{kind}' cannot be trained from scratch"):
+            get_kind(kind).from_config(config.model, [1, 8], 3)
+
+
+def test_only_model_kinds_are_registered():
+    from shallow_ensemble.kinds import register_kind
+
+    class NotAModel(torch.nn.Module):
+        kind = "not_a_model"
+
+    with pytest.raises(TypeError, match="must be a subclass of"):
+        register_kind(NotAModel)

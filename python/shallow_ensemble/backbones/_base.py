@@ -1,8 +1,14 @@
 """The backbone contract: systems (as a pair graph) to per-atom last-layer features."""
 
-from typing import List
+from typing import TYPE_CHECKING, Any, Dict, List, TypeVar
 
 import torch
+
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
+
+B = TypeVar("B", bound="Backbone")
 
 
 class Backbone(torch.nn.Module):
@@ -19,8 +25,12 @@ class Backbone(torch.nn.Module):
       ``(n_atoms,)``.
 
     It returns features of shape ``(n_atoms, feature_size)``. Implementations must be
-    smooth functions of ``vectors``, invariant to rotations and permutations, and
-    scriptable with TorchScript.
+    smooth functions of ``vectors`` (also where a pair crosses :py:attr:`cutoff`:
+    pairs beyond it may be given and must contribute nothing), invariant to rotations
+    and permutations, and scriptable with TorchScript. They set :py:attr:`cutoff`,
+    :py:attr:`atomic_types` (sorted) and :py:attr:`feature_size`, and implement
+    :py:meth:`hypers` (the keyword arguments that rebuild them, for checkpoints) and,
+    to be trained from scratch, :py:meth:`from_config`.
 
     :py:meth:`vectors_vjp` gives, for ``n_members`` cotangents at once, the gradient of
     ``sum_i cotangent[k, i] . features[i]`` with respect to the pair vectors. The
@@ -39,6 +49,23 @@ class Backbone(torch.nn.Module):
         species: torch.Tensor,
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def hypers(self) -> Dict[str, Any]:
+        """Keyword arguments of the constructor that rebuild this backbone (plain
+        Python values), for :py:meth:`from_hypers`."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_hypers(cls: type[B], hypers: Dict[str, Any]) -> B:
+        """The backbone of :py:meth:`hypers` (untrained, ready to load a state)."""
+        return cls(**hypers)
+
+    @classmethod
+    def from_config(
+        cls: type[B], model_config: "ModelConfig", atomic_types: List[int]
+    ) -> B:
+        """A fresh backbone from the ``model`` section of the configuration."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from a config")
 
     @torch.jit.unused
     def vectors_vjp(

@@ -5,15 +5,16 @@ The wrapped model keeps computing its own energy, which becomes the ensemble mea
 per-atom last-layer features on which the ensemble heads are built (see
 :py:mod:`shallow_ensemble.extended`).
 
-Unlike the SOAP-BPNN backbone, which works on pair vectors, the wrapped model needs
-complete metatomic ``System`` objects (positions, cell, neighbour lists with integer
-cell shifts): it is called exactly as an engine would call it.
+Unlike a :py:class:`~shallow_ensemble.backbones.Backbone`, which works on pair
+vectors, the wrapped model needs complete metatomic ``System`` objects (positions,
+cell, neighbour lists with integer cell shifts): it is called exactly as an engine
+would call it.
 """
 
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch
 from metatensor.torch import TensorMap
@@ -27,6 +28,10 @@ from metatomic.torch import (
 )
 
 from ..errors import ShallowEnsembleError
+
+
+if TYPE_CHECKING:
+    from ..data import Batch
 
 
 #: last-layer feature outputs tried, in this order, when ``features_output`` is auto
@@ -110,12 +115,19 @@ class MetatomicModelBackbone(torch.nn.Module):
     :param features_output: name of the per-atom last-layer feature output, or
         ``"auto"``
     :param source: the model file's bytes, kept so checkpoints are self-contained
+    :param feature_size: size of the last-layer features, if known (checkpoints
+        store it); else the model is run once on two atoms to find it (models do not
+        declare it)
     """
 
     __jit_ignored_attributes__ = ["source"]
 
     def __init__(
-        self, atomistic: AtomisticModel, features_output: str = "auto", source=b""
+        self,
+        atomistic: AtomisticModel,
+        features_output: str = "auto",
+        source: bytes = b"",
+        feature_size: Optional[int] = None,
     ) -> None:
         super().__init__()
         capabilities = atomistic.capabilities()
@@ -133,28 +145,56 @@ class MetatomicModelBackbone(torch.nn.Module):
             "energy": ModelOutput(unit="eV", sample_kind="atom"),
             self.features_output: ModelOutput(sample_kind="atom"),
         }
-        self.feature_size = 0  # set by ExtendedModel, once the size is known
+        if feature_size is None:
+            feature_size = self._probe_feature_size(getattr(torch, capabilities.dtype))
+        self.feature_size = int(feature_size)
 
     @classmethod
-    def from_file(cls, path: str | Path, features_output: str = "auto"):
+    def from_file(
+        cls, path: str | Path, features_output: str = "auto"
+    ) -> "MetatomicModelBackbone":
         """Load ``path`` (an exported ``.pt``) and check it can be extended."""
         atomistic = read_metatomic_model(path)
-        backbone = cls(atomistic, features_output, Path(path).read_bytes())
-        return backbone
+        return cls(atomistic, features_output, Path(path).read_bytes())
 
     @classmethod
-    def from_bytes(cls, source: bytes, features_output: str = "auto"):
+    def from_bytes(
+        cls,
+        source: bytes,
+        features_output: str = "auto",
+        feature_size: Optional[int] = None,
+    ) -> "MetatomicModelBackbone":
         """Rebuild from the bytes of a model file (as stored in checkpoints)."""
         fd, tmp = tempfile.mkstemp(suffix=".pt")
         try:
             with os.fdopen(fd, "wb") as file:
                 file.write(source)
-            return cls(read_metatomic_model(tmp), features_output, source)
+            atomistic = read_metatomic_model(tmp)
         finally:
             os.remove(tmp)
+        return cls(atomistic, features_output, source, feature_size)
 
     @torch.jit.unused
-    def train(self, mode: bool = True):
+    def _probe_feature_size(self, dtype: torch.dtype) -> int:
+        """Run the model on two atoms of its first type, 1.5 A apart, and count its
+        last-layer features."""
+        from vesin.metatomic import NeighborList
+
+        z = self.atomic_types[0]
+        system = System(
+            types=torch.tensor([z, z], dtype=torch.int32),
+            positions=torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1.5]], dtype=dtype),
+            cell=torch.zeros((3, 3), dtype=dtype),
+            pbc=torch.zeros(3, dtype=torch.bool),
+        )
+        for option in self.neighbor_options:
+            NeighborList(option, "angstrom").add_neighbor_list([system])
+        with torch.no_grad():
+            features, _ = self.forward([system])
+        return int(features.shape[1])
+
+    @torch.jit.unused
+    def train(self, mode: bool = True) -> "MetatomicModelBackbone":
         """The wrapped module always runs in evaluation mode: exported models may
         compute something else in training mode (metatrain models then leave out
         their composition baseline and scaling, which their own trainer handles)."""
@@ -197,7 +237,7 @@ def _per_atom_values(tensor: TensorMap, systems: List[System]) -> torch.Tensor:
 
 
 def batch_to_systems(
-    batch, positions: torch.Tensor, options: List[NeighborListOptions]
+    batch: "Batch", positions: torch.Tensor, options: List[NeighborListOptions]
 ) -> List[System]:
     """metatomic ``System`` objects of a :py:class:`~shallow_ensemble.data.Batch`,
     with the neighbour lists in ``options`` (computed by vesin, differentiable with

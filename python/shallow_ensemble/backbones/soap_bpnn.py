@@ -12,7 +12,7 @@ computed once and shared by all members (see :py:meth:`SoapBpnn.vectors_vjp`).
 """
 
 import math
-from typing import List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
 import torch
 
@@ -20,12 +20,18 @@ from ._base import Backbone
 from .spherical_harmonics import SphericalHarmonics
 
 
+if TYPE_CHECKING:
+    from ..config import ModelConfig
+
+
 BLOCK = 8
 """Pairs per block in the member-force route: pairs are grouped by (centre,
 neighbour type) slot into blocks of this size, the last one of each slot padded."""
 
 
-def _spline_tables(cutoff: float, max_radial: int, max_angular: int):
+def _spline_tables(
+    cutoff: float, max_radial: int, max_angular: int
+) -> Tuple[List[int], torch.Tensor, torch.Tensor, float]:
     """Build the Laplacian-eigenstate spline tables in float64 with torch-spex."""
     from spex.radial.physical import LaplacianEigenstates
 
@@ -81,7 +87,7 @@ class SoapBpnn(Backbone):
             )
         if len(hidden_sizes) == 0:
             raise ValueError("`hidden_sizes` is empty but needs at least one layer")
-        self.hypers = {
+        self._hypers = {
             "atomic_types": [int(t) for t in atomic_types],
             "cutoff": float(cutoff),
             "cutoff_width": float(cutoff_width),
@@ -123,6 +129,26 @@ class SoapBpnn(Backbone):
             ]
         )
 
+    def hypers(self) -> Dict[str, Any]:
+        return {
+            key: list(value) if isinstance(value, list) else value
+            for key, value in self._hypers.items()
+        }
+
+    @classmethod
+    def from_config(
+        cls, model_config: "ModelConfig", atomic_types: List[int]
+    ) -> "SoapBpnn":
+        m = model_config
+        return cls(
+            atomic_types,
+            cutoff=m.cutoff,
+            cutoff_width=m.cutoff_width,
+            max_radial=m.max_radial,
+            max_angular=m.max_angular,
+            hidden_sizes=list(m.hidden_sizes),
+        )
+
     @staticmethod
     def _make_mlp(n_in: int, hidden_sizes: List[int]) -> torch.nn.Sequential:
         layers: List[torch.nn.Module] = []
@@ -133,7 +159,7 @@ class SoapBpnn(Backbone):
         return torch.nn.Sequential(*layers)
 
     # ---------------------------------------------------------------- pair level --
-    def _radial(self, r: torch.Tensor):
+    def _radial(self, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Radial basis times cutoff function, and its derivative, ``(n_pairs, Q)``."""
         h = self.spline_spacing
         x = torch.clamp(r, min=0.0, max=self.cutoff)
@@ -308,7 +334,10 @@ class SoapBpnn(Backbone):
         return grads.permute(2, 0, 1)
 
     def _density_cotangents(
-        self, density: List[torch.Tensor], species: torch.Tensor, cotangents
+        self,
+        density: List[torch.Tensor],
+        species: torch.Tensor,
+        cotangents: torch.Tensor,
     ) -> List[torch.Tensor]:
         """Backward pass of the MLPs and the power spectrum, for all members.
 

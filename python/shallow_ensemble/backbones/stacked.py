@@ -2,8 +2,9 @@
 
 Member ``k`` of a deep ensemble has its own backbone; stacking their features and
 giving the heads a block-diagonal weight matrix (member ``k`` reads only block ``k``)
-turns ``N`` independently trained models into one :py:class:`EnsembleModel` that
-exports, calibrates and runs in engines like a shallow ensemble.
+turns ``N`` independently trained models into one model (the kind ``stacked``,
+:py:class:`~shallow_ensemble.model.StackedEnsemble`, which also rebuilds it from
+checkpoints) that exports, calibrates and runs in engines like a shallow ensemble.
 """
 
 from typing import List

@@ -18,12 +18,10 @@ from metatomic.torch import (
     ModelCapabilities,
     ModelMetadata,
     ModelOutput,
-    NeighborListOptions,
     System,
 )
 
-from ..extended import ExtendedModel
-from ..model import EnsembleModel
+from ..kinds import ModelKind, calibrate_members
 
 
 REFERENCES = {
@@ -46,23 +44,23 @@ LAST_LAYER_FEATURES = "mtt::aux::energy_last_layer_features"
 class ExportedEnsemble(torch.nn.Module):
     """The TorchScript module inside the exported model (see module docstring).
 
+    It runs the model kind's :py:meth:`~shallow_ensemble.kinds.ModelKind.
+    exported_module` (per-atom member energies and features of the systems; it
+    declares the neighbour lists it needs), then applies the calibration and builds
+    the outputs, the same for every kind.
+
     Per-atom outputs and per-system sums only cover ``selected_atoms`` when given
     (the other atoms, e.g. ghosts of a domain decomposition, are neighbours only).
     The per-system uncertainty is the spread of the summed member energies, so a
     per-atom uncertainty and a per-system ensemble can be asked for in one call.
     """
 
-    def __init__(self, model: EnsembleModel) -> None:
+    def __init__(self, model: ModelKind) -> None:
         super().__init__()
-        self.model = model
+        self.model = model.exported_module()
         self.num_members = model.num_members
-        self.neighbors = NeighborListOptions(
-            cutoff=model.backbone.cutoff, full_list=True, strict=True
-        )
-
-    @torch.jit.export
-    def requested_neighbor_lists(self) -> List[NeighborListOptions]:
-        return [self.neighbors]
+        for name in ("alpha_energy", "alpha_forces", "alpha_atom"):
+            self.register_buffer(name, getattr(model, name).detach().clone())
 
     def forward(
         self,
@@ -82,7 +80,9 @@ class ExportedEnsemble(torch.nn.Module):
                 raise ValueError(f"this model can not compute the '{name}' output")
 
         atomic, features, sys_idx, atom_idx = self.atomic_outputs(systems)
-        ensemble, atom_std = self.model.calibrated_atomic_energies(atomic)
+        ensemble, atom_std = calibrate_members(
+            atomic, self.alpha_energy, self.alpha_forces, self.alpha_atom
+        )
         mean = atomic.mean(dim=1)
 
         if selected_atoms is not None:
@@ -155,35 +155,17 @@ class ExportedEnsemble(torch.nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-atom member energies ``(n_atoms, M)``, last-layer features, and the
         system and atom index of each atom."""
-        vectors: List[torch.Tensor] = []
-        centers: List[torch.Tensor] = []
-        neighbors: List[torch.Tensor] = []
-        species: List[torch.Tensor] = []
+        atomic, features = self.model(systems)
         system_index: List[torch.Tensor] = []
         atom_index: List[torch.Tensor] = []
-        offset = 0
         for i_system, system in enumerate(systems):
-            nl = system.get_neighbor_list(self.neighbors)
-            pairs = nl.samples.values
-            vectors.append(nl.values.reshape(-1, 3))
-            centers.append(pairs[:, 0].to(torch.long) + offset)
-            neighbors.append(pairs[:, 1].to(torch.long) + offset)
-            species.append(self.model.species_index(system.types.to(torch.long)))
             n_atoms = len(system)
+            device = system.positions.device
             system_index.append(
-                torch.full((n_atoms,), i_system, dtype=torch.long, device=pairs.device)
+                torch.full((n_atoms,), i_system, dtype=torch.long, device=device)
             )
-            atom_index.append(torch.arange(n_atoms, device=pairs.device))
-            offset += n_atoms
-
-        sys_idx = torch.cat(system_index)
-        atom_idx = torch.cat(atom_index)
-        species_all = torch.cat(species)
-        features = self.model.backbone(
-            torch.cat(vectors), torch.cat(centers), torch.cat(neighbors), species_all
-        )
-        atomic = self.model.head(features, species_all)
-        return atomic, features, sys_idx, atom_idx
+            atom_index.append(torch.arange(n_atoms, device=device))
+        return atomic, features, torch.cat(system_index), torch.cat(atom_index)
 
     def _selection_mask(
         self, sys_idx: torch.Tensor, atom_idx: torch.Tensor, selected: Labels
@@ -198,36 +180,7 @@ class ExportedEnsemble(torch.nn.Module):
         return torch.isin(key, wanted)
 
 
-class ExportedExtendedEnsemble(ExportedEnsemble):
-    """:py:class:`ExportedEnsemble` of an :py:class:`~shallow_ensemble.extended.
-    ExtendedModel`: the wrapped metatomic model runs on the engine's systems (with the
-    neighbour lists it requests) and the heads add their deviations to its energy."""
-
-    def __init__(self, model: ExtendedModel) -> None:
-        super().__init__(model)
-
-    @torch.jit.export
-    def requested_neighbor_lists(self) -> List[NeighborListOptions]:
-        return self.model.backbone.neighbor_options
-
-    def atomic_outputs(
-        self, systems: List[System]
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        features, base = self.model.backbone(systems)
-        atomic = self.model.head(features, base)
-        system_index: List[torch.Tensor] = []
-        atom_index: List[torch.Tensor] = []
-        for i_system, system in enumerate(systems):
-            n_atoms = len(system)
-            device = system.positions.device
-            system_index.append(
-                torch.full((n_atoms,), i_system, dtype=torch.long, device=device)
-            )
-            atom_index.append(torch.arange(n_atoms, device=device))
-        return atomic, features, torch.cat(system_index), torch.cat(atom_index)
-
-
-def capabilities(model: EnsembleModel, dtype: str) -> ModelCapabilities:
+def capabilities(model: ModelKind, dtype: str) -> ModelCapabilities:
     outputs = {
         "energy": ModelOutput(
             unit="eV", sample_kind="atom", description="ensemble mean energy"
@@ -251,7 +204,7 @@ def capabilities(model: EnsembleModel, dtype: str) -> ModelCapabilities:
     return ModelCapabilities(
         outputs=outputs,
         atomic_types=list(model.atomic_types),
-        interaction_range=float(model.backbone.cutoff),
+        interaction_range=float(model.cutoff),
         length_unit="angstrom",
         supported_devices=["cpu", "cuda"],
         dtype=dtype,
@@ -259,7 +212,7 @@ def capabilities(model: EnsembleModel, dtype: str) -> ModelCapabilities:
 
 
 def to_atomistic_model(
-    model: EnsembleModel,
+    model: ModelKind,
     dtype: str = "float64",
     name: str = "shallow-ensemble",
     description: str = "",
@@ -272,17 +225,12 @@ def to_atomistic_model(
     model = model.to(dtype=getattr(torch, dtype), device="cpu").eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    if isinstance(model, ExtendedModel):
-        backbone = f"the metatomic model '{model.backbone.model_name}'"
-        module = ExportedExtendedEnsemble(model).eval()
-    else:
-        backbone = f"a SOAP-BPNN backbone (cutoff {model.backbone.cutoff} A)"
-        module = ExportedEnsemble(model).eval()
+    module = ExportedEnsemble(model).eval()
     metadata = ModelMetadata(
         name=name,
         description=description
         or (
-            f"shallow ensemble of {model.num_members} heads on {backbone}, "
+            f"shallow ensemble of {model.num_members} heads on {model.describe()}, "
             "calibrated on validation data; outputs energy, energy_uncertainty and "
             "energy_ensemble"
         ),
@@ -293,14 +241,14 @@ def to_atomistic_model(
 
 
 def export_model(
-    model: EnsembleModel,
+    model: ModelKind,
     path: str | Path,
     dtype: str = "float64",
     extensions_directory: str | Path | None = None,
 ) -> Path:
     """Export to ``path``.
 
-    The built-in backbones are plain TorchScript: engines load the file alone. A
+    The built-in model kinds are plain TorchScript: engines load the file alone. A
     backbone using compiled TorchScript extensions would get them collected in
     ``extensions_directory`` (default: ``extensions/`` next to ``path``), which engines
     then need to be given.

@@ -1,7 +1,7 @@
 """Run an exported (or in-memory) metatomic model on ASE structures from Python."""
 
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 import ase
 import torch
@@ -10,6 +10,7 @@ from metatomic.torch import (
     AtomisticModel,
     ModelEvaluationOptions,
     ModelOutput,
+    System,
     load_atomistic_model,
     systems_to_torch,
 )
@@ -18,7 +19,9 @@ from vesin.metatomic import neighbor_lists_for_model
 from ..calibration.predictions import EnsemblePredictions
 
 
-def load_exported(path: str | Path, extensions_directory: str | Path | None = None):
+def load_exported(
+    path: str | Path, extensions_directory: str | Path | None = None
+) -> AtomisticModel:
     """Load an exported model; extensions default to the folder beside the file."""
     path = Path(path)
     if not path.is_file():
@@ -40,7 +43,7 @@ def run_model(
     selected_atoms: Optional[Labels] = None,
     positions_requires_grad: bool = False,
     check_consistency: bool = True,
-):
+) -> Tuple[Dict[str, TensorMap], List[System]]:
     """Evaluate ``model`` on ``frames``.
 
     :param outputs: output name -> ``"system"`` or ``"atom"``

@@ -1,15 +1,20 @@
-"""Checkpoints: written atomically, readable without the training configuration."""
+"""Checkpoints: written atomically, readable without the training configuration.
 
+A checkpoint stores the model's kind and hyper-parameters
+(``hypers = {"kind": ..., **model.hypers()}``, see :py:mod:`shallow_ensemble.kinds`),
+its state dict, its dtype and its cutoff, plus whatever training state the trainer
+adds. The format has a version: checkpoints written by older versions are upgraded
+when read (:py:data:`UPGRADES`), so every checkpoint ever written keeps loading.
+"""
+
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..backbones import SoapBpnn, StackedBackbone
-from ..backbones.metatomic_model import MetatomicModelBackbone
 from ..errors import ShallowEnsembleError
-from ..extended import ExtendedModel
-from ..model import EnsembleModel
+from ..kinds import ModelKind, get_kind
 from .rundir import atomic_write
 
 
@@ -18,54 +23,20 @@ class CheckpointError(ShallowEnsembleError, ValueError):
 
 
 FORMAT = "shallow-ensemble-checkpoint"
-VERSION = 1
+VERSION = 2
 
 
-def model_hypers(model: EnsembleModel) -> dict[str, Any]:
-    """Everything needed to rebuild ``model`` before loading its state."""
-    backbone = model.backbone
-    if isinstance(backbone, MetatomicModelBackbone):
-        return {
-            "backbone": "metatomic",
-            "backbone_hypers": {
-                "cutoff": backbone.cutoff,
-                "features_output": backbone.features_output,
-                "feature_size": backbone.feature_size,
-                "model_bytes": backbone.source,
-            },
-            "num_members": model.num_members,
-        }
-    if isinstance(backbone, StackedBackbone):
-        return {
-            "backbone": "stacked_soap_bpnn",
-            "backbone_hypers": [dict(b.hypers) for b in backbone.backbones],
-            "num_members": model.num_members,
-        }
-    if not isinstance(backbone, SoapBpnn):
-        raise TypeError(f"cannot checkpoint backbone {type(backbone).__name__}")
-    return {
-        "backbone": "soap_bpnn",
-        "backbone_hypers": dict(backbone.hypers),
-        "num_members": model.num_members,
-    }
+def model_hypers(model: ModelKind) -> dict[str, Any]:
+    """Everything needed to rebuild ``model`` before loading its state: its kind's
+    name and hyper-parameters."""
+    return {"kind": model.kind, **model.hypers()}
 
 
-def build_model(hypers: dict[str, Any]) -> EnsembleModel:
+def build_model(hypers: dict[str, Any]) -> ModelKind:
     """Build an (untrained) model from :py:func:`model_hypers`."""
-    kind = hypers.get("backbone")
-    if kind == "metatomic":
-        h = hypers["backbone_hypers"]
-        wrapped = MetatomicModelBackbone.from_bytes(
-            h["model_bytes"], h["features_output"]
-        )
-        return ExtendedModel(wrapped, int(hypers["num_members"]), h["feature_size"])
-    if kind == "soap_bpnn":
-        backbone = SoapBpnn(**hypers["backbone_hypers"])
-    elif kind == "stacked_soap_bpnn":
-        backbone = StackedBackbone([SoapBpnn(**h) for h in hypers["backbone_hypers"]])
-    else:
-        raise CheckpointError(f"unknown backbone '{kind}' in checkpoint")
-    return EnsembleModel(backbone, num_members=int(hypers["num_members"]))
+    hypers = dict(hypers)
+    kind = get_kind(hypers.pop("kind"))
+    return kind.from_hypers(hypers)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -74,13 +45,15 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 
 def save_checkpoint(
-    path: str | Path, model: EnsembleModel, extra: dict[str, Any] | None = None
+    path: str | Path, model: ModelKind, extra: dict[str, Any] | None = None
 ) -> None:
-    """Save a model (hypers, weights, calibration) and optional training state."""
+    """Save a model (kind, hypers, weights, calibration) and optional training
+    state."""
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "hypers": model_hypers(model),
+        "cutoff": float(model.cutoff),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
     }
@@ -88,8 +61,74 @@ def save_checkpoint(
     atomic_save(payload, path)
 
 
+# ------------------------------------------------------------------- upgrades --
+def _upgrade_1_to_2(payload: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 named a backbone (``soap_bpnn``, ``stacked_soap_bpnn`` or
+    ``metatomic``) with its hypers beside the number of members; version 2 names
+    the model kind and stores the cutoff. The wrapped metatomic model's head lost
+    its (unused) composition baseline and the model its type lookup."""
+    old = payload["hypers"]
+    backbone, members = old.get("backbone"), int(old["num_members"])
+    hypers = old["backbone_hypers"]
+    state = dict(payload["state_dict"])
+    if backbone == "soap_bpnn":
+        new = {"kind": "soap_bpnn", "backbone": hypers, "num_members": members}
+        cutoff = float(hypers["cutoff"])
+    elif backbone == "stacked_soap_bpnn":
+        new = {
+            "kind": "stacked",
+            "member_kind": "soap_bpnn",
+            "backbones": hypers,
+            "num_members": members,
+        }
+        cutoff = max(float(h["cutoff"]) for h in hypers)
+    elif backbone == "metatomic":
+        new = {
+            "kind": "metatomic",
+            "model_bytes": hypers["model_bytes"],
+            "features_output": hypers["features_output"],
+            "feature_size": int(hypers["feature_size"]),
+            "num_members": members,
+        }
+        cutoff = float(hypers["cutoff"])
+        state.pop("type_to_index", None)
+        state.pop("head.composition", None)
+    else:
+        raise CheckpointError(f"unknown backbone '{backbone}' in checkpoint")
+    return {
+        **payload,
+        "version": 2,
+        "hypers": new,
+        "cutoff": cutoff,
+        "state_dict": state,
+    }
+
+
+#: ``UPGRADES[v]`` turns a version-``v`` checkpoint into a version ``v + 1`` one
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    1: _upgrade_1_to_2,
+}
+
+
+def upgrade_checkpoint(payload: dict[str, Any], source: str = "") -> dict[str, Any]:
+    """A checkpoint dictionary of any version, upgraded to :py:data:`VERSION`."""
+    version = payload.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"'{source}' has no valid checkpoint version")
+    if version > VERSION:
+        raise CheckpointError(
+            f"'{source}' is a version-{version} checkpoint, written by a newer "
+            f"shallow-ensemble (this one reads versions up to {VERSION}): upgrade "
+            "the package"
+        )
+    while payload["version"] < VERSION:
+        payload = UPGRADES[payload["version"]](payload)
+    return payload
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint dictionary, with a clear error for other files."""
+    """Read a checkpoint dictionary (upgraded to the current version), with a clear
+    error for other files."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
@@ -104,25 +143,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"'{path}' is not a shallow-ensemble checkpoint (exported .pt models are "
             "read with metatomic.torch.load_atomistic_model)"
         )
-    return payload
+    return upgrade_checkpoint(payload, str(path))
 
 
 def checkpoint_cutoff(path: str | Path) -> float:
     """The cutoff of the model stored in a checkpoint, without building it."""
-    hypers = read_checkpoint(path)["hypers"]["backbone_hypers"]
-    if isinstance(hypers, list):
-        return max(float(h["cutoff"]) for h in hypers)
-    return float(hypers["cutoff"])
+    return float(read_checkpoint(path)["cutoff"])
 
 
-def load_model(path: str | Path) -> EnsembleModel:
+def load_model(path: str | Path) -> ModelKind:
     """Rebuild the model stored in a checkpoint (in its training dtype)."""
     payload = read_checkpoint(path)
     model = build_model(payload["hypers"])
     # convert first: loading float64 weights into float32 parameters would round them
     model = model.to(getattr(torch, payload.get("dtype", "float64")))
-    model.head.set_members(
-        payload["state_dict"]["head.weight"], payload["state_dict"]["head.bias"]
-    )
     model.load_state_dict(payload["state_dict"])
     return model

@@ -1,57 +1,34 @@
-"""Building the model a strategy starts from: fresh, or derived from a trained one."""
+"""Building the model a strategy starts from: fresh, or derived from a trained one.
+
+Everything here goes through the model contract
+(:py:class:`~shallow_ensemble.kinds.ModelKind`): it works for every model kind.
+"""
 
 from collections.abc import Sequence
 
 import torch
 
-from ..backbones import SoapBpnn, StackedBackbone
 from ..config import Config, ConfigError
 from ..data import Graph, GraphDataset, iterate_batches
+from ..kinds import ModelKind, get_kind
 from ..laplace import LaplaceFit, feature_covariance, fit_laplace, sample_parameters
-from ..model import EnsembleModel
+from ..model import StackedEnsemble
 from .distributed import Workers
 
 
-def build_model(
-    config: Config, atomic_types: list[int], num_members: int
-) -> EnsembleModel:
-    """A fresh model with the architecture of ``config.model``."""
-    m = config.model
-    backbone = SoapBpnn(
-        atomic_types,
-        cutoff=m.cutoff,
-        cutoff_width=m.cutoff_width,
-        max_radial=m.max_radial,
-        max_angular=m.max_angular,
-        hidden_sizes=list(m.hidden_sizes),
-    )
-    return EnsembleModel(backbone, num_members=num_members)
+def build_model(config: Config, atomic_types: list[int], num_members: int) -> ModelKind:
+    """A fresh model of the kind ``config.model.kind``, with its architecture."""
+    kind = get_kind(config.model.kind)
+    return kind.from_config(config.model, atomic_types, num_members)
 
 
-def init_data_dependent(model: EnsembleModel, dataset: GraphDataset) -> None:
-    """Descriptor standardisation, composition baseline and energy scale."""
-    graphs = [dataset[i] for i in range(min(len(dataset), 32))]
-    model.backbone.fit_normalization(
-        [
-            [g.pair_vectors(), g.centers, g.neighbors, model.species_index(g.numbers)]
-            for g in graphs
-        ]
-    )
-    n_types = len(model.atomic_types)
-    counts = torch.zeros(len(dataset), n_types, dtype=torch.float64)
-    energies = torch.zeros(len(dataset), dtype=torch.float64)
-    n_atoms = torch.zeros(len(dataset), dtype=torch.float64)
-    for i in range(len(dataset)):
-        g = dataset[i]
-        counts[i] = torch.bincount(model.species_index(g.numbers), minlength=n_types)
-        energies[i] = g.energy
-        n_atoms[i] = len(g.numbers)
-    model.fit_baseline(counts, energies, n_atoms)
+def init_data_dependent(model: ModelKind, dataset: GraphDataset) -> None:
+    """The fresh model's data-dependent initialisation (for the built-in kinds:
+    descriptor standardisation, composition baseline and energy scale)."""
+    model.init_from_data(dataset)
 
 
-def check_compatible(
-    model: EnsembleModel, atomic_types: list[int], source: str
-) -> None:
+def check_compatible(model: ModelKind, atomic_types: list[int], source: str) -> None:
     """The data's atomic types must all be known to the model."""
     unknown = sorted(set(atomic_types) - set(model.atomic_types))
     if unknown:
@@ -62,21 +39,21 @@ def check_compatible(
         )
 
 
-def _head_parameters(model: EnsembleModel) -> torch.Tensor:
+def _head_parameters(model: ModelKind) -> torch.Tensor:
     """Mean head as one vector ``(w, b)``, float64."""
     head = model.head
     theta = torch.cat([head.weight.mean(dim=0), head.bias.mean().reshape(1)])
     return theta.detach().double()
 
 
-def _set_heads(model: EnsembleModel, thetas: torch.Tensor) -> None:
+def _set_heads(model: ModelKind, thetas: torch.Tensor) -> None:
     feature_size = model.head.feature_size
     model.head.set_members(thetas[:, :feature_size], thetas[:, feature_size])
 
 
 @torch.no_grad()
 def head_features(
-    model: EnsembleModel,
+    model: ModelKind,
     dataset: Sequence[Graph] | GraphDataset,
     per_atom: bool,
     batch_size: int = 8,
@@ -113,7 +90,7 @@ def head_features(
 
 
 def laplace_heads(
-    model: EnsembleModel,
+    model: ModelKind,
     train_set: GraphDataset,
     valid_set: GraphDataset,
     num_members: int,
@@ -149,7 +126,7 @@ def laplace_heads(
 
 
 def random_heads(
-    model: EnsembleModel, num_members: int, relative_std: float, seed: int
+    model: ModelKind, num_members: int, relative_std: float, seed: int
 ) -> None:
     """Heads drawn isotropically around the trained head, recentred on it."""
     theta = _head_parameters(model)
@@ -162,31 +139,10 @@ def random_heads(
     _set_heads(model, theta.unsqueeze(0) + delta)
 
 
-def stack_models(models: list[EnsembleModel]) -> EnsembleModel:
-    """One :py:class:`EnsembleModel` whose member ``k`` is ``models[k]``.
+def stack_models(models: Sequence[ModelKind]) -> StackedEnsemble:
+    """One model (kind ``stacked``) whose member ``k`` is ``models[k]``.
 
     The models must share their composition baseline and energy scale (true for
     models trained on the same data, which fit them by least squares).
     """
-    first = models[0]
-    for other in models[1:]:
-        if not (
-            torch.allclose(other.head.composition, first.head.composition)
-            and torch.allclose(other.head.energy_scale, first.head.energy_scale)
-        ):
-            raise ValueError("deep-ensemble members have different energy baselines")
-    backbone = StackedBackbone([m.backbone for m in models])
-    stacked = EnsembleModel(backbone, num_members=len(models)).to(
-        first.head.weight.dtype
-    )
-    block = first.head.feature_size
-    weight = torch.zeros(len(models), block * len(models), dtype=torch.float64)
-    bias = torch.zeros(len(models), dtype=torch.float64)
-    for k, member in enumerate(models):
-        weight[k, k * block : (k + 1) * block] = member.head.weight.mean(dim=0)
-        bias[k] = member.head.bias.mean()
-    stacked.head.set_members(weight, bias)
-    with torch.no_grad():
-        stacked.head.composition.copy_(first.head.composition)
-        stacked.head.energy_scale.copy_(first.head.energy_scale)
-    return stacked
+    return StackedEnsemble.from_members(models)

@@ -1,11 +1,13 @@
-"""The export contract: outputs, calibration, selected atoms, TorchScript round trip."""
+"""The export of a SOAP-BPNN ensemble: selected atoms, output combinations,
+predictions from the exported file, errors; the outputs of every kind (calibration,
+member forces, TorchScript round trip) are checked in tests/contract."""
 
 import pytest
 import torch
 from metatensor.torch import Labels
 
 from conftest import graph_of, make_model
-from shallow_ensemble.export import export_model, to_atomistic_model
+from shallow_ensemble.export import export_model
 from shallow_ensemble.export.predict import load_exported, predict_frames, run_model
 
 
@@ -34,88 +36,6 @@ def direct_members(model, atoms):
     )
     vectors = positions[neighbors] - positions[centers] + shifts
     return model(vectors, centers, neighbors, model.species_index(numbers)).detach()
-
-
-ALL_OUTPUTS = {
-    "energy": "system",
-    "energy_ensemble": "system",
-    "energy_uncertainty": "system",
-}
-
-
-def test_outputs_are_calibrated_members(calibrated_model, ethanol_frames):
-    atomistic = to_atomistic_model(calibrated_model)
-    atoms = ethanol_frames[2]
-    results, _ = run_model(atomistic, [atoms], ALL_OUTPUTS)
-    atomic = direct_members(calibrated_model, atoms)
-    members = atomic.sum(dim=0)
-    mean = members.mean()
-    expected = mean + ALPHAS["alpha_energy"] * (members - mean)
-    torch.testing.assert_close(results["energy"].block().values[0, 0], mean)
-    torch.testing.assert_close(results["energy_ensemble"].block().values[0], expected)
-    torch.testing.assert_close(
-        results["energy_uncertainty"].block().values[0, 0],
-        ALPHAS["alpha_energy"] * members.std(),
-    )
-    per_atom, _ = run_model(atomistic, [atoms], {"energy_uncertainty": "atom"})
-    torch.testing.assert_close(
-        per_atom["energy_uncertainty"].block().values[:, 0],
-        ALPHAS["alpha_atom"] * atomic.std(dim=1),
-    )
-
-
-def test_member_forces_are_stretched_by_alpha_forces(calibrated_model, ethanol_frames):
-    atomistic = to_atomistic_model(calibrated_model)
-    atoms = ethanol_frames[4]
-    results, systems = run_model(
-        atomistic, [atoms], {"energy_ensemble": "system"}, positions_requires_grad=True
-    )
-    ensemble = results["energy_ensemble"].block().values[0]
-    positions = systems[0].positions
-    forces = torch.stack(
-        [-torch.autograd.grad(e, positions, retain_graph=True)[0] for e in ensemble]
-    )
-    # the same forces without calibration, from the uncalibrated model
-    raw_model = make_model([1, 6, 8], num_members=5)
-    raw, raw_systems = run_model(
-        to_atomistic_model(raw_model),
-        [atoms],
-        {"energy_ensemble": "system"},
-        positions_requires_grad=True,
-    )
-    raw_positions = raw_systems[0].positions
-    raw_forces = torch.stack(
-        [
-            -torch.autograd.grad(e, raw_positions, retain_graph=True)[0]
-            for e in raw["energy_ensemble"].block().values[0]
-        ]
-    )
-    mean = raw_forces.mean(dim=0)
-    torch.testing.assert_close(
-        forces, mean + ALPHAS["alpha_forces"] * (raw_forces - mean)
-    )
-
-
-def test_eager_scripted_reloaded_agree(
-    calibrated_model, exported, silicon_frames, ethanol_frames
-):
-    eager = to_atomistic_model(calibrated_model)
-    scripted = torch.jit.script(eager)
-    reloaded = load_exported(exported)
-    frames = [ethanol_frames[0], ethanol_frames[1]]
-    for kind in ("system", "atom"):
-        outputs = {name: kind for name in ALL_OUTPUTS}
-        reference, _ = run_model(eager, frames, outputs)
-        for other in (scripted, reloaded):
-            results, _ = run_model(other, frames, outputs)
-            for name in outputs:
-                torch.testing.assert_close(
-                    results[name].block().values,
-                    reference[name].block().values,
-                    rtol=1e-12,
-                    atol=1e-12,
-                )
-                assert results[name].block().samples == reference[name].block().samples
 
 
 def test_selected_atoms_sum_to_whole_system(exported, calibrated_model):
