@@ -10,7 +10,7 @@ from shallow_ensemble.calibration.predictions import (
 )
 from shallow_ensemble.config import config_from_dict
 from shallow_ensemble.data import GraphDataset
-from shallow_ensemble.training import load_model, run_protocol, train
+from shallow_ensemble.training import load_model, train
 from shallow_ensemble.training.checkpoints import read_checkpoint
 from shallow_ensemble.training.datasets import load_structures
 
@@ -56,10 +56,7 @@ def make_config(args, **training):
 def run_stage(config, folder: Path, reuse: bool) -> dict:
     """Train one stage (or reuse a finished one); returns its metrics.json."""
     if not (reuse and (folder / "model.ckpt").exists()):
-        if config.training.strategy == "protocol":
-            run_protocol(config, folder, overwrite=True, progress=False)
-        else:
-            train(config, folder, overwrite=True, progress=False)
+        train(config, folder, overwrite=True, progress=False)  # every strategy
     with open(folder / "metrics.json") as fd:
         metrics = json.load(fd)
     if "train_seconds" not in metrics:  # written by an older version: ask the ckpt

@@ -1,18 +1,75 @@
-"""Configuration: one frozen dataclass per component, loaded from YAML with checks."""
+"""Configuration: one frozen dataclass per component, loaded from YAML with checks.
 
+The allowed values of a key are its annotation: a ``Literal[...]`` lists the choices,
+which :py:func:`config_from_dict` checks and names in its messages. Every key is
+documented by the string under its field; :py:func:`configuration_reference` turns
+them into ``docs/configuration.md`` (``python -m shallow_ensemble.config PATH``
+rewrites that file).
+"""
+
+import ast
 import dataclasses
+import inspect
+import json
 import math
+import re
+import sys
+import textwrap
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
 from .errors import ShallowEnsembleError
 
 
+StrategyName = Literal[
+    "mse",
+    "energy_nll",
+    "energy_force_nll",
+    "laplace",
+    "random_heads",
+    "from_metatomic",
+    "deep_ensemble",
+    "finetune",
+    "protocol",
+]
+"""The values of ``training.strategy``: each names a preset, a list of training
+stages (:py:mod:`shallow_ensemble.training.presets`)."""
+
+PROBABILISTIC_STRATEGIES: tuple[str, ...] = (
+    "energy_nll",
+    "energy_force_nll",
+    "finetune",
+)
+"""Strategies that train a probabilistic loss (after an optional MSE warm-up)."""
+
+CHECKPOINT_STRATEGIES: tuple[str, ...] = ("laplace", "random_heads", "finetune")
+"""Strategies that start from the trained model in ``training.init_from``."""
+
+ONE_MEMBER_STRATEGIES: tuple[str, ...] = ("mse", "from_metatomic")
+"""Strategies that work with a single member (``model.num_members`` 1)."""
+
+EnergyLossName = Literal["gaussian_nll_ensemble", "gaussian_crps_ensemble"]
+"""Keys of :py:data:`shallow_ensemble.losses.ENERGY_LOSSES` (the tests check that
+they are the same)."""
+
+ForcesLossName = Literal[
+    "gaussian_nll_ensemble", "gaussian_nll_full_ensemble", "gaussian_crps_ensemble"
+]
+"""Keys of :py:data:`shallow_ensemble.losses.FORCE_LOSSES` (the tests check that
+they are the same)."""
+
+Target = Literal["full", "heads"]
+"""What a fine-tune trains: the full model or the heads only."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
+    """Where the structures are and how their energies and forces are named."""
+
     train: str
     """Training structures, extended XYZ (eV, angstrom). In a configuration file, a
     relative path (here, in ``valid`` and ``test``, and in ``--set`` overrides) is
@@ -33,6 +90,8 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
+    """The model trained from scratch, or the exported model to extend."""
+
     kind: str = "soap_bpnn"
     """Kind of model trained from scratch (a registered model kind, see
     :py:mod:`shallow_ensemble.kinds`); the architecture keys below belong to it."""
@@ -65,9 +124,18 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainingConfig:
-    strategy: str = "energy_force_nll"
-    """``mse``, ``energy_nll``, ``energy_force_nll``, ``laplace``, ``random_heads``,
-    ``deep_ensemble``, ``finetune`` or ``protocol`` (see docs/strategies.md)."""
+    """How the model is trained: the strategy, the optimiser and the losses."""
+
+    strategy: StrategyName = "energy_force_nll"
+    """The training recipe, a preset list of stages (see docs/strategies.md):
+    ``mse`` (one head, MSE on energies and forces), ``energy_nll`` (energy NLL and
+    MSE on the mean forces), ``energy_force_nll`` (joint energy and force NLL),
+    ``laplace`` and ``random_heads`` (heads sampled around the head of
+    ``init_from``, no training), ``from_metatomic`` (``model.from_metatomic`` as a
+    one-member ensemble), ``deep_ensemble`` (``model.num_members`` MSE models,
+    stacked), ``finetune`` (joint NLL from the ensemble in ``init_from``) or
+    ``protocol`` (``mse`` -> ``laplace`` -> ``finetune`` in one run, see the
+    ``protocol`` section; recommended for new models)."""
     epochs: int = 100
     """Number of passes over the training set."""
     warmup_epochs: int | None = None
@@ -80,7 +148,7 @@ class TrainingConfig:
     """Structures per optimiser step."""
     learning_rate: float = 3e-3
     """Initial Adam learning rate."""
-    lr_schedule: str = "cosine"
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
     """``cosine`` (decay to 1% over training) or ``constant``."""
     weight_decay: float = 0.0
     """Adam weight decay."""
@@ -88,13 +156,14 @@ class TrainingConfig:
     """Weight of the energy term (losses on per-atom energies, eV)."""
     forces_weight: float = 1.0
     """Weight of the forces term (eV/angstrom)."""
-    energy_loss: str = "gaussian_nll_ensemble"
-    """Probabilistic energy loss: ``gaussian_nll_ensemble`` or
-    ``gaussian_crps_ensemble``."""
-    forces_loss: str = "gaussian_nll_ensemble"
-    """Probabilistic forces loss (``energy_force_nll`` only):
-    ``gaussian_nll_ensemble``, ``gaussian_nll_full_ensemble`` (3x3 per atom) or
-    ``gaussian_crps_ensemble``."""
+    energy_loss: EnergyLossName = "gaussian_nll_ensemble"
+    """Probabilistic energy loss: Gaussian NLL or CRPS of the per-atom energies
+    (logged as ``energy_nll`` or ``energy_crps``)."""
+    forces_loss: ForcesLossName = "gaussian_nll_ensemble"
+    """Probabilistic forces loss (the stages that train member forces:
+    ``energy_force_nll``, ``finetune``): Gaussian NLL per component, NLL with the
+    3x3 covariance per atom (``gaussian_nll_full_ensemble``) or CRPS (logged as
+    ``forces_nll``, ``forces_nll_full`` or ``forces_crps``)."""
     init_from: str | None = None
     """Checkpoint to start from: the trained model that ``laplace``,
     ``random_heads`` and ``finetune`` build on (relative to the config file). Its
@@ -102,7 +171,7 @@ class TrainingConfig:
     ``model.num_members`` for ``laplace`` and ``random_heads``."""
     heads_learning_rate: float | None = None
     """Learning rate of the heads (default: ``learning_rate``)."""
-    finetune_target: str = "full"
+    finetune_target: Target = "full"
     """``finetune``: train the ``full`` model (recommended) or the ``heads`` only."""
     pin_mean: bool = False
     """``finetune``: keep the mean of the heads fixed while the members spread."""
@@ -113,43 +182,51 @@ class TrainingConfig:
     """Clip the gradient norm to this value (0 disables)."""
     seed: int = 0
     """Seed for initialisation and shuffling."""
-    dtype: str = "float32"
-    """``float32`` or ``float64``."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """Floating-point precision of the model and the data in training."""
     device: str = "cpu"
     """``cpu`` or ``cuda`` (or ``cuda:N``, N the index of a GPU from 0)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class LaplaceConfig:
-    regularizer: str | float = "fit"
+    """Laplace sampling of the heads (``laplace``, and ``protocol`` after ``mse``)."""
+
+    regularizer: Literal["auto", "fit"] | float = "fit"
     """``auto`` (smallest value keeping C + rI positive definite), ``fit`` (minimise
     the validation NLL together with alpha) or a number."""
-    features: str = "structure"
+    features: Literal["structure", "atom"] = "structure"
     """Covariance of ``structure`` features (per-atom averages, matching per-atom
     energy losses) or of ``atom`` features (raw per-atom features)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class ProtocolConfig:
-    first: str = "mse"
+    """The stages of ``strategy: protocol``."""
+
+    first: Literal["mse", "energy_nll"] = "mse"
     """First stage of ``strategy: protocol``: ``mse`` (then Laplace sampling) or
     ``energy_nll``; it runs for ``training.epochs``."""
     finetune_epochs: int = 10
     """Epochs of the final full-model fine-tune with the energy + force NLL."""
     finetune_learning_rate: float = 1e-3
     """Learning rate of the fine-tune."""
-    finetune_target: str = "full"
+    finetune_target: Target = "full"
     """Fine-tune the ``full`` model or the ``heads`` only."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class CalibrationConfig:
+    """Recalibration of the uncertainties after training."""
+
     enabled: bool = True
     """Fit the calibration factors (alpha) on the validation set after training."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
+    """A whole configuration: one object per section."""
+
     data: DataConfig
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -175,45 +252,103 @@ _SECTIONS = {
 }
 
 
+_NONE = type(None)
+
+
+def _alternatives(annotation: Any) -> tuple[Any, ...]:
+    """The members of a union annotation (the annotation itself otherwise)."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return get_args(annotation)
+    return (annotation,)
+
+
+def _convert(value: Any, alternatives: tuple[Any, ...]) -> tuple[bool, Any]:
+    """``(True, value)`` converted to the first alternative that accepts it, or
+    ``(False, None)``. Only ``bool`` accepts booleans; integers are accepted for
+    numbers; a string that reads as a number is one (YAML 1.1 reads ``1e-3`` as a
+    string)."""
+    if isinstance(value, bool):
+        return (bool in alternatives, value)
+    if isinstance(value, int) and int in alternatives:
+        return True, value
+    if isinstance(value, int | float) and float in alternatives:
+        return True, float(value)
+    if isinstance(value, str):
+        if float in alternatives:
+            try:
+                return True, float(value)
+            except ValueError:
+                pass
+        for alternative in alternatives:
+            if get_origin(alternative) is Literal and value in get_args(alternative):
+                return True, value
+        if str in alternatives:
+            return True, value
+    if isinstance(value, list):
+        for alternative in alternatives:
+            if get_origin(alternative) is list:
+                (item,) = get_args(alternative)
+                if all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+                    return True, list(value)
+    return False, None
+
+
+_TYPE_NAMES = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+}
+
+
+def _describe(annotation: Any) -> str:
+    """What a value of ``annotation`` must be, in words: the choices of a
+    ``Literal``, the names of the types, ``null``."""
+    alternatives = _alternatives(annotation)
+    words: list[str] = []
+    for alternative in alternatives:
+        if alternative is _NONE:
+            continue
+        if get_origin(alternative) is Literal:
+            words.extend(str(choice) for choice in get_args(alternative))
+        elif get_origin(alternative) is list:
+            (item,) = get_args(alternative)
+            words.append(f"a list of {_TYPE_NAMES[item].split()[-1]}s")
+        else:
+            words.append(_TYPE_NAMES[alternative])
+    if _NONE in alternatives:
+        words.append("null")
+    if len(alternatives) == 1 and len(words) > 2:  # choices only
+        return "one of: " + ", ".join(words)
+    return _join_or(words)
+
+
+def _join_or(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def choices(annotation: Any) -> tuple[Any, ...]:
+    """The values a ``Literal`` annotation allows (those of every ``Literal`` in a
+    union), e.g. ``choices(TrainingConfig.__annotations__["dtype"])``."""
+    return tuple(
+        choice
+        for alternative in _alternatives(annotation)
+        if get_origin(alternative) is Literal
+        for choice in get_args(alternative)
+    )
+
+
 def _check_type(path: str, value: Any, annotation: Any) -> Any:
-    """Check ``value`` against a (possibly union) field annotation."""
-    text = str(annotation).replace("typing.", "")
-    allowed = [
-        part.strip()
-        for part in text.replace("<class '", "").replace("'>", "").split("|")
-    ]
+    """``value`` checked against a field annotation (possibly a union of types and
+    ``Literal`` choices), converted where a number is given for a float."""
     if value is None:
-        if "None" in allowed:
+        if _NONE in _alternatives(annotation):
             return None
         raise ConfigError(f"`{path}` is null but must be set")
-    if isinstance(value, bool):
-        if "bool" in allowed:
-            return value
-    elif "int" in allowed and isinstance(value, int):
-        return value
-    elif "float" in allowed and isinstance(value, int | float):
-        return float(value)
-    elif "float" in allowed and isinstance(value, str):
-        # YAML 1.1 reads `1e-3` (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if "str" in allowed and isinstance(value, str):
-        return value
-    if "list[int]" in allowed and isinstance(value, list):
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return list(value)
-    names = {
-        "int": "an integer",
-        "float": "a number",
-        "str": "a string",
-        "bool": "true or false",
-        "list[int]": "a list of integers",
-        "None": "null",
-    }
-    expected = " or ".join(names.get(a, a) for a in allowed)
-    raise ConfigError(f"`{path}` is {value!r} but must be {expected}")
+    accepted, converted = _convert(value, _alternatives(annotation))
+    if accepted:
+        return converted
+    raise ConfigError(f"`{path}` is {value!r} but must be {_describe(annotation)}")
 
 
 def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
@@ -268,15 +403,11 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Confi
 
 
 def _validate(config: Config) -> None:
-    from .training.strategies import STRATEGIES
-
+    """Ranges and combinations of values (the types and choices are checked by
+    :py:func:`_check_type`)."""
     t = config.training
-    if t.strategy not in STRATEGIES and t.strategy != "protocol":
-        raise ConfigError(
-            f"`training.strategy` is '{t.strategy}' but must be one of: "
-            f"{', '.join([*STRATEGIES, 'protocol'])}"
-        )
     m = config.model
+    regularizer = config.laplace.regularizer
     checks = [
         (m.num_members >= 1, "model.num_members", "positive"),
         (0 < m.cutoff < math.inf, "model.cutoff", "positive and finite"),
@@ -309,43 +440,11 @@ def _validate(config: Config) -> None:
         (t.energy_weight >= 0, "training.energy_weight", "at least 0"),
         (t.forces_weight >= 0, "training.forces_weight", "at least 0"),
         (t.grad_clip >= 0, "training.grad_clip", "at least 0 (0 disables clipping)"),
-        (t.dtype in ("float32", "float64"), "training.dtype", "float32 or float64"),
-        (
-            t.lr_schedule in ("cosine", "constant"),
-            "training.lr_schedule",
-            "cosine or constant",
-        ),
-    ]
-    checks += [
-        (
-            t.finetune_target in ("full", "heads"),
-            "training.finetune_target",
-            "full or heads",
-        ),
         (t.random_heads_std > 0, "training.random_heads_std", "positive"),
         (
-            config.laplace.features in ("structure", "atom"),
-            "laplace.features",
-            "structure or atom",
-        ),
-        (
-            config.laplace.regularizer in ("auto", "fit")
-            or (
-                not isinstance(config.laplace.regularizer, str)
-                and config.laplace.regularizer > 0
-            ),
+            isinstance(regularizer, str) or regularizer > 0,
             "laplace.regularizer",
             "auto, fit or a positive number",
-        ),
-        (
-            config.protocol.first in ("mse", "energy_nll"),
-            "protocol.first",
-            "mse or energy_nll",
-        ),
-        (
-            config.protocol.finetune_target in ("full", "heads"),
-            "protocol.finetune_target",
-            "full or heads",
         ),
         (
             config.protocol.finetune_epochs >= 1,
@@ -375,8 +474,7 @@ def _validate(config: Config) -> None:
             f"`model.kind` is '{config.model.kind}' but must be one of: "
             f"{', '.join(kind_names())}"
         )
-    needs_init = ("laplace", "random_heads", "finetune")
-    if t.strategy in needs_init and t.init_from is None:
+    if t.strategy in CHECKPOINT_STRATEGIES and t.init_from is None:
         raise ConfigError(
             f"strategy '{t.strategy}' starts from a trained model: set "
             "`training.init_from` to its checkpoint"
@@ -387,18 +485,14 @@ def _validate(config: Config) -> None:
             "`model.from_metatomic` to its .pt file"
         )
     if (
-        t.strategy
-        not in (
-            "from_metatomic",
-            "protocol",
-        )
+        t.strategy not in ("from_metatomic", "protocol")
         and config.model.from_metatomic is not None
     ):
         raise ConfigError(
             f"`model.from_metatomic` is set, but strategy '{t.strategy}' does not use "
             "it: use 'protocol' (or 'from_metatomic', then 'laplace' and 'finetune')"
         )
-    if t.strategy not in ("mse", "from_metatomic") and config.model.num_members < 2:
+    if t.strategy not in ONE_MEMBER_STRATEGIES and config.model.num_members < 2:
         raise ConfigError(
             f"`model.num_members` is {config.model.num_members} but strategy "
             f"'{t.strategy}' needs at least 2 members"
@@ -418,8 +512,6 @@ def _is_device(device: str) -> bool:
 
 def _check_warmup(config: Config) -> None:
     """A probabilistic strategy must train beyond its MSE warm-up."""
-    from .training.strategies import STRATEGIES
-
     t = config.training
     if t.warmup_epochs is None or t.warmup_epochs < t.epochs:
         return  # null is a fifth of the epochs (none for finetune): always fewer
@@ -428,10 +520,10 @@ def _check_warmup(config: Config) -> None:
         first = config.protocol.first
         if config.model.from_metatomic is not None:
             return  # the first stage is from_metatomic, which does not train
-        if not STRATEGIES[first].probabilistic:
+        if first not in PROBABILISTIC_STRATEGIES:
             return
         what = f"the first stage '{first}' of strategy 'protocol' (`protocol.first`)"
-    elif STRATEGIES[t.strategy].probabilistic:
+    elif t.strategy in PROBABILISTIC_STRATEGIES:
         what = f"strategy '{t.strategy}'"
     else:
         return
@@ -488,3 +580,115 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
             raise ConfigError(f"'{path}' is not valid YAML: {error}")
     raw = apply_overrides(raw, overrides or [])
     return config_from_dict(raw, base_dir=path.parent)
+
+
+# ------------------------------------------------------ configuration reference --
+REFERENCE_INTRO = """\
+A configuration is a YAML file with the sections below; only `data` (with `train`
+and `valid`) is required. Unknown sections and keys are errors that list the
+allowed ones. In a file, relative paths are taken from the file's folder.
+`shallow-ensemble train CONFIG -o OUTDIR --set section.key=value` overrides a key
+(the value is read as YAML). Runnable examples are in [`examples/`](../examples/);
+the strategies are compared in [strategies.md](strategies.md)."""
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The string under each field of a dataclass (read from its source)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, following in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = inspect.cleandoc(following.value.value)
+    return docs
+
+
+def _markdown(text: str) -> str:
+    """reStructuredText markup of the docstrings as Markdown, one line per
+    paragraph."""
+    text = re.sub(r":py:\w+:`~?([^`]+)`", r"`\1`", text)
+    text = text.replace("``", "`")
+    paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
+    return "\n\n".join(p for p in paragraphs if p)
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def _type_words(annotation: Any) -> str:
+    """The allowed values of a field, for the reference."""
+    alternatives = _alternatives(annotation)
+    words: list[str] = []
+    for alternative in alternatives:
+        if alternative is _NONE:
+            words.append("`null`")
+        elif get_origin(alternative) is Literal:
+            words.extend(f"`{choice}`" for choice in get_args(alternative))
+        elif get_origin(alternative) is list:
+            (item,) = get_args(alternative)
+            words.append(f"list of {_TYPE_NAMES[item].split()[-1]}s")
+        elif alternative is bool:
+            words.append("`true` or `false`")
+        else:
+            words.append(_TYPE_NAMES[alternative].split()[-1])
+    return _join_or(words)
+
+
+def configuration_reference() -> str:
+    """``docs/configuration.md``: every section and key of the configuration, with
+    its allowed values, its default and its documentation."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated from python/shallow_ensemble/config.py by "
+        "`python -m shallow_ensemble.config docs/configuration.md`; "
+        "edit the docstrings there, not this file. -->",
+        "",
+        REFERENCE_INTRO,
+    ]
+    for section, cls in _SECTIONS.items():
+        docs = _field_docs(cls)
+        lines += ["", f"## `{section}`", "", _markdown(cls.__doc__ or "")]
+        for item in dataclasses.fields(cls):
+            if item.default is not dataclasses.MISSING:
+                default = f"Default: `{_yaml_value(item.default)}`."
+            elif item.default_factory is not dataclasses.MISSING:
+                default = f"Default: `{_yaml_value(item.default_factory())}`."
+            else:
+                default = "Required."
+            if not docs.get(item.name):
+                raise ValueError(f"`{section}.{item.name}` has no docstring")
+            lines += [
+                "",
+                f"### `{section}.{item.name}`",
+                "",
+                f"Allowed: {_type_words(item.type)}. {default}",
+                "",
+                _markdown(docs[item.name]),
+            ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m shallow_ensemble.config [PATH]``: write the configuration
+    reference to PATH (``docs/configuration.md``), or print it."""
+    args = sys.argv[1:] if argv is None else argv
+    text = configuration_reference()
+    if not args:
+        sys.stdout.write(text)
+    else:
+        Path(args[0]).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

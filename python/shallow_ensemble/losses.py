@@ -312,6 +312,12 @@ FORCE_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 }
 """Force losses by key; each takes ``(member_forces, target)``."""
 
+ENERGY_LOSS_NAMES: tuple[str, ...] = tuple(ENERGY_LOSSES)
+"""The keys of :py:data:`ENERGY_LOSSES` (the choices of ``training.energy_loss``)."""
+
+FORCE_LOSS_NAMES: tuple[str, ...] = tuple(FORCE_LOSSES)
+"""The keys of :py:data:`FORCE_LOSSES` (the choices of ``training.forces_loss``)."""
+
 
 def _get_loss(
     registry: dict[str, Callable[..., torch.Tensor]], name: str

@@ -3,6 +3,7 @@
 import dataclasses
 import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
@@ -11,6 +12,7 @@ from shallow_ensemble.config import (
     ConfigError,
     ModelConfig,
     apply_overrides,
+    choices,
     config_from_dict,
     load_config,
 )
@@ -500,3 +502,131 @@ def test_warmup_check_follows_the_first_stage_of_the_protocol():
     # an mse first stage has no warm-up; the fine-tune stage sets its own (0)
     config = config_from_dict(minimal(training=training, protocol={"first": "mse"}))
     assert config.protocol.first == "mse"
+
+
+# ----------------------------------------------------- choices (Literal types) --
+def literal_fields():
+    """(section, key, choices) of every key whose allowed values are choices."""
+    found = []
+    for section in dataclasses.fields(Config):
+        for item in dataclasses.fields(section.type):
+            values = choices(item.type)
+            if values:
+                found.append((section.name, item.name, values))
+    return found
+
+
+def test_choices_are_declared_as_literal_types():
+    keys = {f"{section}.{key}" for section, key, _ in literal_fields()}
+    assert keys == {
+        "training.strategy",
+        "training.lr_schedule",
+        "training.energy_loss",
+        "training.forces_loss",
+        "training.finetune_target",
+        "training.dtype",
+        "laplace.regularizer",
+        "laplace.features",
+        "protocol.first",
+        "protocol.finetune_target",
+    }
+
+
+@pytest.mark.parametrize(("section", "key", "values"), literal_fields())
+def test_every_choice_is_accepted_and_others_are_named_in_the_message(
+    section, key, values
+):
+    for value in values:
+        raw = minimal(**{section: {key: value}})
+        if value in ("laplace", "random_heads", "finetune"):
+            raw["training"]["init_from"] = "start.ckpt"
+        if value == "from_metatomic":
+            raw["model"] = {"from_metatomic": "model.pt"}
+        if key == "strategy" and value == "mse":
+            raw["model"] = {"num_members": 1}
+        config = config_from_dict(raw)
+        assert getattr(getattr(config, section), key) == value
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(minimal(**{section: {key: "typo"}}))
+    message = str(info.value)
+    assert message.startswith(f"`{section}.{key}` is 'typo' but must be ")
+    listed = message.split(" but must be ")[1].removeprefix("one of: ")
+    names = [n for n in re.split(r", | or ", listed) if n != "a number"]
+    assert names == list(values)
+
+
+def test_loss_choices_are_the_registered_losses():
+    from shallow_ensemble import losses
+    from shallow_ensemble.config import EnergyLossName, ForcesLossName
+
+    assert get_args(EnergyLossName) == losses.ENERGY_LOSS_NAMES
+    assert get_args(ForcesLossName) == losses.FORCE_LOSS_NAMES
+    assert losses.ENERGY_LOSS_NAMES == tuple(losses.ENERGY_LOSSES)
+    assert losses.FORCE_LOSS_NAMES == tuple(losses.FORCE_LOSSES)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        (
+            "energy_loss",
+            "gaussian_nll",
+            "`training.energy_loss` is 'gaussian_nll' but must be "
+            "gaussian_nll_ensemble or gaussian_crps_ensemble",
+        ),
+        (
+            "forces_loss",
+            "gaussian_crps",
+            "`training.forces_loss` is 'gaussian_crps' but must be one of: "
+            "gaussian_nll_ensemble, gaussian_nll_full_ensemble, "
+            "gaussian_crps_ensemble",
+        ),
+    ],
+)
+def test_a_misspelt_loss_fails_at_load_time(key, value, expected):
+    """It used to pass, and fail after the warm-up epochs."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(minimal(training={key: value}))
+    assert str(info.value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("auto", "auto"), ("fit", "fit"), (0.5, 0.5), ("1e-3", 1e-3)],
+)
+def test_laplace_regularizer_is_a_choice_or_a_number(value, expected):
+    config = config_from_dict(minimal(laplace={"regularizer": value}))
+    assert config.laplace.regularizer == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "rule"),
+    [
+        ("best", "auto, fit or a number"),
+        (True, "auto, fit or a number"),
+        (0.0, "auto, fit or a positive number"),
+        (-1, "auto, fit or a positive number"),
+    ],
+)
+def test_laplace_regularizer_errors(value, rule):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(minimal(laplace={"regularizer": value}))
+    shown = float(value) if isinstance(value, int) and value is not True else value
+    assert str(info.value) == f"`laplace.regularizer` is {shown!r} but must be {rule}"
+
+
+def test_type_checks_read_the_annotations_not_their_text():
+    """``_check_type`` takes the annotation objects apart (unions, ``Literal``,
+    ``list[int]``), so annotations written in other ways check the same."""
+    from typing import Literal, Optional, Union
+
+    from shallow_ensemble.config import _check_type
+
+    assert _check_type("a.b", None, Optional[int]) is None  # noqa: UP045
+    assert _check_type("a.b", 3, Union[int, None]) == 3  # noqa: UP007
+    assert _check_type("a.b", 3, Literal["x"] | float) == 3.0
+    assert _check_type("a.b", [1, 2], list[int]) == [1, 2]
+    with pytest.raises(ConfigError, match="must be x, y or null"):
+        _check_type("a.b", "z", Literal["x", "y"] | None)
+    with pytest.raises(ConfigError, match="must be a list of integers or null"):
+        _check_type("a.b", ["1"], list[int] | None)

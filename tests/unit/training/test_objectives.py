@@ -20,6 +20,7 @@ from shallow_ensemble.training.initialization import (
     init_data_dependent,
     random_heads,
 )
+from shallow_ensemble.training.stages import loss_term
 from shallow_ensemble.training.trainer import _lr_factor
 
 
@@ -367,6 +368,19 @@ def test_constant_schedule_rates_used_in_training(data, tmp_path):
 
 
 # ------------------------------------ 8. the configured probabilistic losses, trained
+SHORT_NAMES = {
+    "gaussian_nll_ensemble": "nll",
+    "gaussian_nll_full_ensemble": "nll_full",
+    "gaussian_crps_ensemble": "crps",
+}
+
+
+def test_every_loss_has_a_short_name_in_the_log():
+    assert set(SHORT_NAMES) == {*losses.ENERGY_LOSS_NAMES, *losses.FORCE_LOSS_NAMES}
+    for name, short in SHORT_NAMES.items():
+        assert loss_term(name) == short
+
+
 @pytest.mark.parametrize(
     ("energy_loss", "forces_loss"),
     [
@@ -403,9 +417,12 @@ def test_configured_losses_are_the_ones_trained(
     def logged(row):
         return {k for k, v in row.items() if k.startswith("valid_") and v != ""}
 
+    # named by the loss used: gaussian_crps_ensemble -> crps, ...
+    energy_column = "valid_energy_" + SHORT_NAMES[energy_loss]
+    forces_column = "valid_forces_" + SHORT_NAMES[forces_loss]
     parts = {"valid_energy_mse", "valid_forces_mse"}
     assert logged(warmup) == parts | {"valid_loss"}
-    assert logged(after) == {"valid_energy_nll", "valid_forces_nll", "valid_loss"}
+    assert logged(after) == {energy_column, forces_column, "valid_loss"}
     for row in rows:
         assert math.isfinite(float(row["valid_loss"]))
         assert math.isfinite(float(row["train_loss"]))
@@ -431,8 +448,8 @@ def test_configured_losses_are_the_ones_trained(
         name: float(fn(forces, batch.forces))
         for name, fn in losses.FORCE_LOSSES.items()
     }
-    logged_energy = float(after["valid_energy_nll"])
-    logged_forces = float(after["valid_forces_nll"])
+    logged_energy = float(after[energy_column])
+    logged_forces = float(after[forces_column])
     assert logged_energy == pytest.approx(energy_terms[energy_loss], rel=1e-10)
     assert logged_forces == pytest.approx(force_terms[forces_loss], rel=1e-10)
     for name, value in energy_terms.items():

@@ -98,19 +98,9 @@ def test_an_interrupted_protocol_overwrite_leaves_no_previous_stages(data, tmp_p
     def stop(epoch):
         raise Interrupt
 
-    from shallow_ensemble.training import protocol
-
-    real_train = protocol.train
-
-    def first_stage_interrupted(*args, **kwargs):
-        return real_train(*args, **kwargs, on_epoch_end=stop)
-
-    protocol.train = first_stage_interrupted
-    try:
-        with pytest.raises(Interrupt):
-            train(config, tmp_path, overwrite=True, progress=False)
-    finally:
-        protocol.train = real_train
+    # the first epoch of the first stage is interrupted
+    with pytest.raises(Interrupt):
+        train(config, tmp_path, overwrite=True, progress=False, on_epoch_end=stop)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["1-mse"]
     assert not (tmp_path / "1-mse" / "model.ckpt").exists()
