@@ -91,6 +91,7 @@ def predict_dataset(
         if batch.energy is not None:
             refs.append(batch.energy.double().cpu())
         if forces:
+            assert prediction.forces is not None, "forces were asked for"
             member_forces.append(prediction.forces.detach().double().cpu())
             if batch.forces is not None:
                 forces_ref.append(batch.forces.double().cpu())

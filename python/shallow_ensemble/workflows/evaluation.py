@@ -142,7 +142,7 @@ def predict_structures(
 
     model = load_model(model_path)
     check_atomic_types(structures, model.atomic_types)
-    dataset = GraphDataset(list(structures), model.backbone.cutoff)
+    dataset = GraphDataset(list(structures), model.cutoff)
     raw = predict_dataset(model, dataset, batch_size, forces=forces)
     return raw.calibrated(float(model.alpha_energy), float(model.alpha_forces))
 
