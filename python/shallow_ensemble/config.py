@@ -469,10 +469,11 @@ def _validate(config: Config) -> None:
     _check_warmup(config)
     from .kinds import kind_names
 
-    if config.model.kind not in kind_names():
+    trainable = kind_names(from_scratch=True)
+    if config.model.kind not in trainable:
         raise ConfigError(
-            f"`model.kind` is '{config.model.kind}' but must be one of: "
-            f"{', '.join(kind_names())}"
+            f"`model.kind` is '{config.model.kind}' but must be a kind trained from "
+            f"scratch: {', '.join(trainable)}"
         )
     if t.strategy in CHECKPOINT_STRATEGIES and t.init_from is None:
         raise ConfigError(

@@ -15,3 +15,7 @@ class ShallowEnsembleError(Exception):
 class CalibrationError(ShallowEnsembleError, ValueError):
     """Uncertainties cannot be calibrated or evaluated as asked (for instance, the
     ensemble has collapsed to one prediction)."""
+
+
+class TrainingError(ShallowEnsembleError, RuntimeError):
+    """Training cannot start or continue as asked."""

@@ -630,3 +630,14 @@ def test_type_checks_read_the_annotations_not_their_text():
         _check_type("a.b", "z", Literal["x", "y"] | None)
     with pytest.raises(ConfigError, match="must be a list of integers or null"):
         _check_type("a.b", ["1"], list[int] | None)
+
+
+@pytest.mark.parametrize("kind", ["pet", "metatomic", "stacked"])
+def test_model_kind_must_be_trainable_from_scratch(kind):
+    """Unknown kinds, and kinds that are only built from trained models (a wrapped
+    metatomic model, a stacked deep ensemble), are refused at load time."""
+    with pytest.raises(ConfigError, match=f"`model.kind` is '{kind}'.*soap_bpnn"):
+        config_from_dict(minimal(model={"kind": kind}))
+    assert config_from_dict(minimal(model={"kind": "soap_bpnn"})).model.kind == (
+        "soap_bpnn"
+    )

@@ -131,6 +131,8 @@ class GraphDataset:
     :param structures: the structures
     :param cutoff: neighbour-list cutoff radius, Å
     :param dtype: floating-point dtype of the graphs' float tensors
+    :param progress: show a progress bar (for more than
+        :data:`PROGRESS_THRESHOLD` structures)
 
     >>> from importlib.resources import files
     >>> from shallow_ensemble.data import GraphDataset, read_structures
@@ -146,17 +148,18 @@ class GraphDataset:
         structures: Sequence[Structure],
         cutoff: float,
         dtype: torch.dtype = torch.float64,
+        progress: bool = True,
     ) -> None:
         self.cutoff = float(cutoff)
         self.dtype = dtype
         self.sources = [structure.source for structure in structures]
-        progress = tqdm(
+        bar = tqdm(
             structures,
             desc="neighbour lists",
-            disable=len(structures) <= PROGRESS_THRESHOLD,
+            disable=not progress or len(structures) <= PROGRESS_THRESHOLD,
         )
         self.graphs: list[Graph] = [
-            build_graph(structure, self.cutoff, dtype) for structure in progress
+            build_graph(structure, self.cutoff, dtype) for structure in bar
         ]
 
     def __len__(self) -> int:

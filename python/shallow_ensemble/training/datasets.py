@@ -64,17 +64,19 @@ def load_structures(config: Config) -> dict[str, list[Structure]]:
 
 
 def load_datasets(
-    config: Config, cutoff: float | None = None
+    config: Config, cutoff: float | None = None, progress: bool = True
 ) -> tuple[list[int], dict[str, GraphDataset]]:
     """Atomic types of the training set and neighbour graphs of every set.
 
     :param cutoff: neighbour-list cutoff (default ``config.model.cutoff``; a model
         that starts from a checkpoint uses the checkpoint's)
+    :param progress: show progress bars while neighbour lists are built
     """
     sets = load_structures(config)
     types = atomic_types_of(sets["train"])
     cutoff = config.model.cutoff if cutoff is None else cutoff
     datasets = {
-        name: GraphDataset(structures, cutoff) for name, structures in sets.items()
+        name: GraphDataset(structures, cutoff, progress=progress)
+        for name, structures in sets.items()
     }
     return types, datasets

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..config import Config, ConfigError
-from ..data import Graph, GraphDataset, iterate_batches
+from ..config import Config
+from ..data import Graph, GraphDataset, check_atomic_types, iterate_batches
 from ..kinds import ModelKind, get_kind
 from ..laplace import LaplaceFit, feature_covariance, fit_laplace, sample_parameters
 from ..model import StackedEnsemble
@@ -29,14 +29,14 @@ def init_data_dependent(model: ModelKind, dataset: GraphDataset) -> None:
 
 
 def check_compatible(model: ModelKind, atomic_types: list[int], source: str) -> None:
-    """The data's atomic types must all be known to the model."""
-    unknown = sorted(set(atomic_types) - set(model.atomic_types))
-    if unknown:
-        raise ConfigError(
-            f"the training data has atomic types {unknown} that the model in "
-            f"'{source}' (`training.init_from`) does not know (it has "
-            f"{model.atomic_types})"
-        )
+    """The data's atomic types must all be known to the model (the package's one
+    check, :py:func:`~shallow_ensemble.data.check_atomic_types`)."""
+    check_atomic_types(
+        atomic_types,
+        model.atomic_types,
+        model=f"the model in '{source}' (`training.init_from`)",
+        where="the training data",
+    )
 
 
 def _head_parameters(model: ModelKind) -> torch.Tensor:

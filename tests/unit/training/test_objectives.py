@@ -20,8 +20,8 @@ from shallow_ensemble.training.initialization import (
     init_data_dependent,
     random_heads,
 )
+from shallow_ensemble.training.loop import _lr_factor
 from shallow_ensemble.training.stages import loss_term
-from shallow_ensemble.training.trainer import _lr_factor
 
 
 TYPES = [1, 6, 8]

@@ -188,8 +188,8 @@ def test_a_non_finite_loss_names_the_structures_of_the_batch(
 
     real_load = trainer.load_datasets
 
-    def load_with_a_bad_energy(config, cutoff=None):
-        types, datasets = real_load(config, cutoff)
+    def load_with_a_bad_energy(config, cutoff=None, progress=True):
+        types, datasets = real_load(config, cutoff, progress)
         datasets["train"][5].energy.fill_(float("inf"))
         return types, datasets
 
@@ -198,3 +198,18 @@ def test_a_non_finite_loss_names_the_structures_of_the_batch(
     with pytest.raises(TrainingError, match="non-finite loss") as error:
         train(config, tmp_path, progress=False)
     assert f"{small_data / 'train.xyz'}:5" in str(error.value)
+
+
+def test_training_without_progress_prints_nothing(tmp_path, capsys):
+    """More structures than the neighbour-list progress threshold: with
+    ``progress=False`` nothing at all is written to the terminal."""
+    from shallow_ensemble.data.dataset import PROGRESS_THRESHOLD
+
+    frames = ase.io.read(ETHANOL, f":{PROGRESS_THRESHOLD + 10}")
+    ase.io.write(tmp_path / "train.xyz", frames)
+    ase.io.write(tmp_path / "valid.xyz", frames[:4])
+    config = make_config(tmp_path, strategy="mse", epochs=1, batch_size=30)
+    capsys.readouterr()
+    train(config, tmp_path / "run", progress=False)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""

@@ -1,0 +1,235 @@
+"""The one training loop: epochs of optimiser steps, validation, best-epoch
+selection and per-epoch checkpoints, for the model and objective of one stage."""
+
+import csv
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import GraphDataset, batch_indices, collate
+from ..errors import TrainingError
+from ..model import EnsembleModel
+from .checkpoints import save_checkpoint
+from .distributed import Workers
+from .rundir import atomic_write
+from .stages import Context, Objective
+
+
+logger = logging.getLogger(__name__)
+
+
+def _lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    if schedule == "constant":
+        return 1.0
+    progress = epoch / max(epochs, 1)
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _validation_loss(
+    model: EnsembleModel,
+    objective: Objective,
+    dataset: GraphDataset,
+    batch_size: int,
+    epoch: int,
+    workers: Workers,
+) -> tuple[float, dict[str, float]]:
+    """Validation loss, weighted by structures; batches shared among processes."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    total, weight = 0.0, 0
+    parts: dict[str, float] = {}
+    batches = batch_indices(len(dataset), batch_size, shuffle=False)
+    for indices in workers.shard(batches):
+        batch = collate([dataset[i] for i in indices]).to(device=device, dtype=dtype)
+        result = objective.loss(model, batch, epoch)
+        total += float(result.total.detach()) * batch.n_systems
+        weight += batch.n_systems
+        for key, value in result.parts.items():
+            parts[key] = parts.get(key, 0.0) + value * batch.n_systems
+    if workers.distributed:
+        gathered = workers.all_gather((total, weight, parts))
+        total = sum(g[0] for g in gathered)
+        weight = sum(g[1] for g in gathered)
+        parts = {k: sum(g[2].get(k, 0.0) for g in gathered) for k in gathered[0][2]}
+    return total / weight, {k: v / weight for k, v in parts.items()}
+
+
+def _train_step(
+    model: EnsembleModel,
+    objective: Objective,
+    dataset: GraphDataset,
+    indices: list[int],
+    epoch: int,
+    workers: Workers,
+    dtype: torch.dtype,
+) -> float:
+    """Loss and gradients of one global batch (this process's share of it).
+
+    :return: the global batch's loss times its number of structures (for the log)
+    """
+    device = next(model.parameters()).device
+    mine = workers.shard(indices)
+    total, finite, parts = torch.zeros(()), True, {}
+    if mine:
+        batch = collate([dataset[i] for i in mine]).to(device=device, dtype=dtype)
+        result = objective.loss(model, batch, epoch)
+        atoms_share = sum(dataset[i].n_atoms for i in mine) / sum(
+            dataset[i].n_atoms for i in indices
+        )
+        local = result.weighted(len(mine) / len(indices), atoms_share)
+        finite, parts = bool(torch.isfinite(local)), result.parts
+        if finite:
+            local.backward()
+        total = local.detach().cpu() * len(indices)
+    # one reduction tells every process the summed loss and whether any failed
+    stats = workers.all_reduce(
+        torch.stack([total.to(torch.float64), torch.tensor(float(not finite))])
+    )
+    if float(stats[1]) > 0:
+        where = ""
+        if not finite:
+            sources = [dataset.sources[i] for i in mine]
+            where = f" in the batch of {', '.join(sources)}: {parts}"
+        raise TrainingError(
+            f"non-finite loss at epoch {epoch + 1}{where}; check these structures, "
+            "or lower `training.learning_rate` or raise `training.warmup_epochs`"
+        )
+    workers.sum_gradients([p for p in model.parameters() if p.requires_grad])
+    return float(stats[0])
+
+
+def _write_log(path: Path, history: list[dict[str, float]]) -> None:
+    keys: list[str] = []
+    for row in history:
+        keys.extend(k for k in row if k not in keys)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as fd:
+            writer = csv.DictWriter(fd, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(history)
+
+    atomic_write(path, write)
+
+
+def run_epochs(
+    model: EnsembleModel,
+    objective: Objective,
+    context: Context,
+    state: dict[str, Any],
+    init_seconds: float,
+    on_epoch_end: Callable[[int], None] | None,
+) -> tuple[list[dict[str, float]], float]:
+    """The loop over epochs: one optimiser, per-epoch checkpoints and logs."""
+    config, outdir, workers = context.config, context.outdir, context.workers
+    stage = context.stage
+    t = config.training
+    dtype = next(model.parameters()).dtype
+    generator = torch.Generator().manual_seed(stage.seed)
+    optimizer = torch.optim.Adam(
+        objective.param_groups(model), weight_decay=t.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda e: _lr_factor(t.lr_schedule, e, stage.epochs)
+    )
+    history: list[dict[str, float]] = state.get("history", [])
+    best = state.get("best", math.inf)
+    best_epoch: int | None = state.get("best_epoch")
+    start_epoch = state.get("epoch", -1) + 1
+    elapsed = state.get("train_seconds", init_seconds)
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if workers.is_main:
+            logger.info(
+                "resuming '%s' at epoch %d/%d", outdir, start_epoch + 1, stage.epochs
+            )
+    objective.prepare(model)
+    train_set, valid_set = context.datasets["train"], context.datasets["valid"]
+
+    epochs = tqdm(
+        range(start_epoch, stage.epochs),
+        desc=f"train {stage.name}",
+        unit="epoch",
+        disable=not context.progress,
+        initial=start_epoch,
+        total=stage.epochs,
+    )
+    for epoch in epochs:
+        start = time.perf_counter()
+        model.train()
+        train_loss = 0.0
+        for indices in batch_indices(len(train_set), t.batch_size, True, generator):
+            optimizer.zero_grad(set_to_none=True)
+            train_loss += _train_step(
+                model, objective, train_set, indices, epoch, workers, dtype
+            )
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+            objective.after_step(model)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch used
+        scheduler.step()
+        epoch_seconds = time.perf_counter() - start
+        elapsed += epoch_seconds
+
+        model.eval()
+        valid_loss, parts = _validation_loss(
+            model, objective, valid_set, t.batch_size, epoch, workers
+        )
+        row = {
+            "epoch": epoch + 1,
+            "seconds": round(epoch_seconds, 3),
+            "lr": lr,
+            "train_loss": train_loss / len(train_set),
+            "valid_loss": valid_loss,
+            **{f"valid_{k}": v for k, v in parts.items()},
+        }
+        history.append(row)
+        epochs.set_postfix(train=f"{row['train_loss']:.4g}", valid=f"{valid_loss:.4g}")
+
+        # warm-up (MSE) and probabilistic losses are not comparable: the best
+        # epoch is chosen among epochs of the current phase only
+        phase_changed = best_epoch is not None and objective.in_warmup(
+            best_epoch
+        ) != objective.in_warmup(epoch)
+        if best_epoch is None or phase_changed:
+            best, best_epoch = math.inf, None
+        is_best = best_epoch is None or valid_loss < best
+        if is_best:
+            best, best_epoch = valid_loss, epoch
+        if workers.is_main:
+            _write_log(outdir / "log.csv", history)
+            if is_best:
+                save_checkpoint(outdir / "best.ckpt", model, {"epoch": epoch})
+            save_checkpoint(
+                outdir / "last.ckpt",
+                model,
+                {
+                    "config": config.to_dict(),
+                    "stage": stage.to_dict(),
+                    "epoch": epoch,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "history": history,
+                    "best": best,
+                    "best_epoch": best_epoch,
+                    "train_seconds": elapsed,
+                    "init_seconds": init_seconds,
+                    "info": context.info,
+                },
+            )
+        workers.barrier()  # the checkpoints are written before anyone goes on
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+    return history, elapsed
