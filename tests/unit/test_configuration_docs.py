@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from shallow_ensemble import losses
-from shallow_ensemble.config import Config, configuration_reference, main
+from shallow_ensemble.config import Config, configuration_reference
+from shallow_ensemble.config.reference import main
 
 
 REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"

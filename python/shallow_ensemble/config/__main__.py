@@ -1,0 +1,8 @@
+"""``python -m shallow_ensemble.config [PATH]``: write the configuration reference."""
+
+import sys
+
+from .reference import main
+
+
+sys.exit(main())
