@@ -620,7 +620,7 @@ def test_type_checks_read_the_annotations_not_their_text():
     ``list[int]``), so annotations written in other ways check the same."""
     from typing import Literal, Optional, Union
 
-    from shallow_ensemble.config import _check_type
+    from shallow_ensemble.config.checks import _check_type
 
     assert _check_type("a.b", None, Optional[int]) is None  # noqa: UP045
     assert _check_type("a.b", 3, Union[int, None]) == 3  # noqa: UP007

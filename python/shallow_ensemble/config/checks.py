@@ -178,7 +178,7 @@ def _validate(config: Config) -> None:
             "(N: the index of a GPU, from 0)"
         )
     _check_warmup(config)
-    from .kinds import kind_names
+    from ..kinds import kind_names
 
     trainable = kind_names(from_scratch=True)
     if config.model.kind not in trainable:
