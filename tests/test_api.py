@@ -20,7 +20,7 @@ import torch
 import shallow_ensemble
 from conftest import ETHANOL, make_model
 from shallow_ensemble import workflows
-from shallow_ensemble.cli.__main__ import main, setup_logging
+from shallow_ensemble.cli.__main__ import console_logging, main
 from shallow_ensemble.data import DataError, check_atomic_types, read_structures
 from shallow_ensemble.errors import ShallowEnsembleError
 
@@ -122,20 +122,16 @@ def test_cli_shows_library_log_messages():
     package = logging.getLogger("shallow_ensemble")
     level, handlers = package.level, list(package.handlers)
     out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            setup_logging()
-            setup_logging()  # idempotent: one handler
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with console_logging():
             logging.getLogger("shallow_ensemble.somewhere").info("an info message")
             logging.getLogger("shallow_ensemble.somewhere").debug("hidden")
             logging.getLogger("shallow_ensemble.somewhere").warning("a warning")
-    finally:
-        for handler in list(package.handlers):
-            if handler not in handlers:
-                package.removeHandler(handler)
-        package.setLevel(level)
+        # afterwards the library is silent again (main() called from Python)
+        logging.getLogger("shallow_ensemble.somewhere").info("not shown")
     assert out.getvalue() == "an info message\n"
     assert err.getvalue() == "a warning\n"
+    assert package.level == level and package.handlers == handlers
 
 
 # -------------------------------------------------------------- evaluate --

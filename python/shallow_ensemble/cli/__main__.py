@@ -1,9 +1,11 @@
 """The ``shallow-ensemble`` command."""
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 from ..errors import ShallowEnsembleError
 from . import evaluate, export, quickstart, train
@@ -45,27 +47,36 @@ class ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
-def setup_logging(debug: bool = False) -> None:
+@contextlib.contextmanager
+def console_logging(debug: bool = False) -> Iterator[None]:
     """Show the messages of the ``shallow_ensemble`` loggers (INFO, or DEBUG with
-    ``--debug``); under ``torchrun``, only rank 0 shows more than warnings.
-    Calling it again replaces the handler it installed."""
+    ``--debug``) while the command runs; under ``torchrun``, only rank 0 shows more
+    than warnings. The logger is restored afterwards, so that ``main()`` called
+    from Python leaves library calls silent."""
     package = logging.getLogger("shallow_ensemble")
-    for handler in list(package.handlers):
-        if isinstance(handler, ConsoleHandler):
-            package.removeHandler(handler)
     handler = ConsoleHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
-    package.addHandler(handler)
     level = logging.DEBUG if debug else logging.INFO
     if os.environ.get("RANK", "0") != "0":
         level = logging.WARNING
+    previous = package.level
+    package.addHandler(handler)
     package.setLevel(level)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(previous)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(getattr(args, "debug", False))
+    with console_logging(getattr(args, "debug", False)):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(COMMANDS[args.command].run(args) or 0)
     except KeyboardInterrupt:
