@@ -230,3 +230,12 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         report.longrepr = _required_message(_skip_reason(report.longrepr))
     return report
+
+
+def write_ethanol_split(folder, n_train=12, valid=(100, 106)):
+    """``folder/train.xyz`` (the first ``n_train`` bundled ethanol frames) and
+    ``folder/valid.xyz`` (frames ``valid[0]:valid[1]``); return ``folder``."""
+    frames = ase.io.read(ETHANOL, ":")
+    ase.io.write(folder / "train.xyz", frames[:n_train])
+    ase.io.write(folder / "valid.xyz", frames[valid[0] : valid[1]])
+    return folder

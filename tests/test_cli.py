@@ -1,18 +1,15 @@
 """The ``shallow-ensemble`` command, driven in-process: train, evaluate, export."""
 
-import contextlib
 import csv
-import io
 import json
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import ase.io
 import pytest
 
+from cli_runner import assert_clean_error, run_main
 from conftest import ETHANOL
-from shallow_ensemble.cli.__main__ import main
 
 
 DATA = Path(__file__).parent / "data"
@@ -34,31 +31,6 @@ training:
   batch_size: 6
   dtype: float64
 """
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-def run_main(argv: list[str]) -> Run:
-    """``main(argv)`` with stdout and stderr captured (usable in module fixtures)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return Run(code, out.getvalue(), err.getvalue())
-
-
-def assert_clean_error(run: Run, *fragments: str) -> None:
-    """Exit code 1, one ``error:`` line naming the problem, no traceback."""
-    assert run.code == 1, run
-    assert "Traceback" not in run.err
-    lines = [line for line in run.err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, run.err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def write_config(folder: Path, train: str = "train.xyz", valid: str = "valid.xyz"):

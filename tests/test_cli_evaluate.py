@@ -2,12 +2,9 @@
 neighbours, non-finite predictions, a one-member model, a collapsed ensemble, bad
 output paths."""
 
-import contextlib
-import io
 import json
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import ase
@@ -17,38 +14,14 @@ import pytest
 import torch
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from cli_runner import assert_clean_error, run_main
 from conftest import ETHANOL, make_model
 from shallow_ensemble import workflows
-from shallow_ensemble.cli.__main__ import main
 from shallow_ensemble.training.checkpoints import save_checkpoint
 
 
 ATOMIC_TYPES = [1, 6, 8]
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-def run_main(argv) -> Run:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return Run(code, out.getvalue(), err.getvalue())
-
-
-def assert_clean_error(run: Run, *fragments: str) -> None:
-    """Exit code 1, one ``error:`` line naming the problem, no traceback."""
-    assert run.code == 1, run
-    assert "Traceback" not in run.err
-    lines = [line for line in run.err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, run.err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def strict_json(path: Path) -> dict:

@@ -11,7 +11,7 @@ from ase.md.verlet import VelocityVerlet
 from metatomic_ase import MetatomicCalculator
 from tiny_backbone import PairGaussiansModel
 
-from conftest import ETHANOL, tiny_config
+from conftest import ETHANOL, tiny_config, write_ethanol_split
 from shallow_ensemble.data import GraphDataset, collate, read_structures
 from shallow_ensemble.export import export_model
 from shallow_ensemble.export.predict import load_exported, run_model
@@ -20,11 +20,7 @@ from shallow_ensemble.training import load_model, train
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    frames = ase.io.read(ETHANOL, ":")
-    ase.io.write(folder / "train.xyz", frames[:12])
-    ase.io.write(folder / "valid.xyz", frames[100:106])
-    return folder
+    return write_ethanol_split(tmp_path_factory.mktemp("data"), 12, (100, 106))
 
 
 def test_train_export_and_run_md(data, tmp_path):

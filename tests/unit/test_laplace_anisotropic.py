@@ -12,11 +12,10 @@ with rotated eigenvectors.
 import dataclasses
 import math
 
-import ase.io
 import pytest
 import torch
 
-from conftest import ETHANOL, tiny_config
+from conftest import tiny_config, write_ethanol_split
 from shallow_ensemble.data import GraphDataset, collate, read_structures
 from shallow_ensemble.laplace import (
     feature_covariance,
@@ -175,11 +174,7 @@ def test_fit_chooses_the_nll_optimal_regularizer():
 # ------------------------------------------------- per-atom features, a real run
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    frames = ase.io.read(ETHANOL, ":")
-    ase.io.write(folder / "train.xyz", frames[:12])
-    ase.io.write(folder / "valid.xyz", frames[100:105])
-    return folder
+    return write_ethanol_split(tmp_path_factory.mktemp("data"), 12, (100, 105))
 
 
 @pytest.fixture(scope="module")

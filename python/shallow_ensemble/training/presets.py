@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import Config, ConfigError, TrainingConfig
-from .stages import ObjectiveName, Stage
+from .stages import ObjectiveName, Stage, StartName
 
 
 def _heads_rate(t: TrainingConfig) -> float:
@@ -81,32 +81,29 @@ def energy_force_nll(config: Config) -> list[Stage]:
     ]
 
 
-def laplace(config: Config) -> list[Stage]:
-    """Heads sampled from the last-layer Laplace posterior of the trained model
-    (``init_from``), recentred on its head."""
+def _new_heads(config: Config, start: StartName) -> list[Stage]:
+    """One untrained stage that gives the trained model (``init_from``) new heads."""
     return [
         Stage(
-            name="laplace",
-            start="laplace",
+            name=start,
+            start=start,
             trainable="none",
             num_members=config.model.num_members,
             seed=config.training.seed,
         )
     ]
+
+
+def laplace(config: Config) -> list[Stage]:
+    """Heads sampled from the last-layer Laplace posterior of the trained model
+    (``init_from``), recentred on its head."""
+    return _new_heads(config, "laplace")
 
 
 def random_heads(config: Config) -> list[Stage]:
     """Heads drawn isotropically around the head of the trained model
     (``init_from``)."""
-    return [
-        Stage(
-            name="random_heads",
-            start="random_heads",
-            trainable="none",
-            num_members=config.model.num_members,
-            seed=config.training.seed,
-        )
-    ]
+    return _new_heads(config, "random_heads")
 
 
 def from_metatomic(config: Config) -> list[Stage]:

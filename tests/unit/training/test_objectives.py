@@ -6,12 +6,11 @@ import copy
 import csv
 import math
 
-import ase.io
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from conftest import ETHANOL, tiny_config
+from conftest import tiny_config, write_ethanol_split
 from shallow_ensemble import losses
 from shallow_ensemble.data import GraphDataset, collate, read_structures
 from shallow_ensemble.training import get_strategy, load_model, save_checkpoint, train
@@ -30,11 +29,7 @@ LR = 3e-3
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    frames = ase.io.read(ETHANOL, ":")
-    ase.io.write(folder / "train.xyz", frames[:12])
-    ase.io.write(folder / "valid.xyz", frames[100:104])
-    return folder
+    return write_ethanol_split(tmp_path_factory.mktemp("data"), 12, (100, 104))
 
 
 @pytest.fixture(scope="module")

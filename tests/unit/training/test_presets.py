@@ -7,10 +7,9 @@ import json
 import logging
 from typing import get_args
 
-import ase.io
 import pytest
 
-from conftest import ETHANOL, tiny_config
+from conftest import tiny_config, write_ethanol_split
 from shallow_ensemble import config as config_module
 from shallow_ensemble.config import Config, DataConfig, StrategyName, TrainingConfig
 from shallow_ensemble.training import PRESETS, Stage, preset_stages, train
@@ -169,11 +168,7 @@ def test_a_stage_that_trains_needs_epochs():
 # ------------------------------------------------------------- quiet library --
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    frames = ase.io.read(ETHANOL, ":")
-    ase.io.write(folder / "train.xyz", frames[:12])
-    ase.io.write(folder / "valid.xyz", frames[100:104])
-    return folder
+    return write_ethanol_split(tmp_path_factory.mktemp("data"), 12, (100, 104))
 
 
 def test_a_protocol_without_progress_prints_nothing(data, tmp_path, capsys, caplog):

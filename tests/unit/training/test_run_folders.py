@@ -7,11 +7,10 @@ import json
 import os
 import stat
 
-import ase.io
 import pytest
 import torch
 
-from conftest import ETHANOL, tiny_config
+from conftest import tiny_config, write_ethanol_split
 from shallow_ensemble.training import load_model, train
 from shallow_ensemble.training.checkpoints import read_checkpoint
 from shallow_ensemble.training.rundir import OutputError
@@ -19,11 +18,7 @@ from shallow_ensemble.training.rundir import OutputError
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    frames = ase.io.read(ETHANOL, ":")
-    ase.io.write(folder / "train.xyz", frames[:12])
-    ase.io.write(folder / "valid.xyz", frames[100:106])
-    return folder
+    return write_ethanol_split(tmp_path_factory.mktemp("data"), 12, (100, 106))
 
 
 @pytest.fixture(scope="module")

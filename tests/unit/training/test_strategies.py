@@ -7,7 +7,7 @@ import ase.io
 import pytest
 import torch
 
-from conftest import ETHANOL
+from conftest import ETHANOL, write_ethanol_split
 from conftest import tiny_config as make_config
 from shallow_ensemble.calibration.predictions import predict_dataset
 from shallow_ensemble.data import GraphDataset, read_structures
@@ -18,11 +18,7 @@ from shallow_ensemble.training import load_model, run_protocol, train
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    frames = ase.io.read(ETHANOL, ":")
-    ase.io.write(folder / "train.xyz", frames[:24])
-    ase.io.write(folder / "valid.xyz", frames[100:110])
-    return folder
+    return write_ethanol_split(tmp_path_factory.mktemp("data"), 24, (100, 110))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import ase.io
 import pytest
 import torch
 
-from conftest import ETHANOL, tiny_config
+from conftest import ETHANOL, tiny_config, write_ethanol_split
 from shallow_ensemble.export import to_atomistic_model
 from shallow_ensemble.export.predict import run_model
 from shallow_ensemble.training import TrainingError, load_model, train
@@ -17,11 +17,7 @@ from shallow_ensemble.training.rundir import OutputError
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    frames = ase.io.read(ETHANOL, ":")
-    ase.io.write(folder / "train.xyz", frames[:24])
-    ase.io.write(folder / "valid.xyz", frames[100:110])
-    return folder
+    return write_ethanol_split(tmp_path_factory.mktemp("data"), 24, (100, 110))
 
 
 def make_config(folder, **training):
