@@ -7,16 +7,11 @@
 :func:`train_valid_test` makes reproducible random splits.
 """
 
+from .atomic_types import atomic_types_of, check_atomic_types
 from .collate import Batch, batch_indices, collate, iterate_batches
 from .dataset import Graph, GraphDataset, build_graph
-from .readers import (
-    MIN_DISTANCE,
-    DataError,
-    Structure,
-    atomic_types_of,
-    check_atomic_types,
-    read_structures,
-)
+from .geometry import MIN_DISTANCE
+from .readers import DataError, Structure, read_structures
 from .splits import split_indices, train_valid_test
 
 

@@ -8,7 +8,8 @@ import torch
 import vesin
 from tqdm import tqdm
 
-from .readers import DataError, Structure, _cell_problem
+from .geometry import cell_problem
+from .readers import DataError, Structure
 
 
 #: number of structures above which :class:`GraphDataset` shows a progress bar
@@ -94,7 +95,7 @@ def build_graph(
     positions = np.ascontiguousarray(structure.positions, dtype=np.float64)
     cell = np.array(structure.cell, dtype=np.float64)
     cell[~pbc] = 0.0
-    problem = _cell_problem(cell, pbc)
+    problem = cell_problem(cell, pbc)
     if problem:
         raise DataError(f"{structure.source}: {problem}")
 
