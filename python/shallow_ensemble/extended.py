@@ -138,7 +138,7 @@ class ExtendedModel(ModelKind):
                 return grads
             except RuntimeError:  # an operation of the wrapped model has no vmap rule
                 self._batched_forces = False
-        grads = []
+        member_grads: list[torch.Tensor] = []
         for k in range(n_members):
             (grad,) = torch.autograd.grad(
                 energies[:, k].sum(),
@@ -146,8 +146,8 @@ class ExtendedModel(ModelKind):
                 retain_graph=True,
                 create_graph=create_graph,
             )
-            grads.append(grad)
-        return torch.stack(grads)
+            member_grads.append(grad)
+        return torch.stack(member_grads)
 
     def head_design(self, batch: "Batch") -> tuple[torch.Tensor, torch.Tensor]:
         """Per-atom ``phi_i = s (f_i, 1)`` and offsets (the base energies), float64."""

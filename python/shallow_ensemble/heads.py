@@ -21,6 +21,8 @@ class LinearHeads(torch.nn.Module):
     :param num_members: number of ensemble members ``M`` (1 for a deterministic model)
     """
 
+    energy_scale: torch.Tensor
+
     def __init__(self, feature_size: int, num_members: int) -> None:
         super().__init__()
         if num_members < 1:
@@ -78,6 +80,8 @@ class ShallowEnsembleHead(LinearHeads):
     >>> head(torch.ones(3, 8), torch.tensor([0, 1, 1])).shape
     torch.Size([3, 4])
     """
+
+    composition: torch.Tensor
 
     def __init__(self, feature_size: int, num_members: int, n_types: int) -> None:
         super().__init__(feature_size, num_members)

@@ -136,6 +136,11 @@ class ModelKind(torch.nn.Module):
         atomic_types: list[int]
         cutoff: float
 
+    # the calibration factors, buffers registered in ``__init__``
+    alpha_energy: torch.Tensor
+    alpha_forces: torch.Tensor
+    alpha_atom: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("alpha_energy", torch.ones(()))

@@ -8,7 +8,17 @@ a deep ensemble) and any new backbone's (a subclass naming ``kind`` and
 ``backbone_class``).
 """
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Type
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Dict,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    cast,
+)
 
 import torch
 from metatomic.torch import NeighborListOptions, System
@@ -91,6 +101,11 @@ class BackboneEnsemble(ModelKind):
     backbone_class: Optional[Type[Backbone]] = None
     from_scratch = True
 
+    type_to_index: torch.Tensor
+    if TYPE_CHECKING:  # submodules set in __init__ (not class annotations: TorchScript)
+        backbone: Backbone
+        head: ShallowEnsembleHead
+
     def __init__(self, backbone: Backbone, num_members: int) -> None:
         super().__init__()
         expected = type(self).backbone_class
@@ -141,7 +156,9 @@ class BackboneEnsemble(ModelKind):
         cls, model_config: "ModelConfig", atomic_types: List[int], num_members: int
     ) -> "BackboneEnsemble":
         if not cls.from_scratch or cls.backbone_class is None:
-            return super().from_config(model_config, atomic_types, num_members)
+            # ModelKind.from_config raises KindError (no fresh model of this kind)
+            model = super().from_config(model_config, atomic_types, num_members)
+            return cast("BackboneEnsemble", model)
         backbone = cls.backbone_class.from_config(model_config, atomic_types)
         return cls(backbone, num_members=num_members)
 
@@ -288,6 +305,9 @@ class StackedEnsemble(BackboneEnsemble):
     kind = "stacked"
     from_scratch = False
 
+    if TYPE_CHECKING:  # set by BackboneEnsemble (not a class annotation: TorchScript)
+        backbone: StackedBackbone
+
     def __init__(
         self, backbones: List[Backbone], member_kind: str, num_members: int
     ) -> None:
@@ -297,7 +317,7 @@ class StackedEnsemble(BackboneEnsemble):
     def hypers(self) -> Dict[str, Any]:
         return {
             "member_kind": self.member_kind,
-            "backbones": [b.hypers() for b in self.backbone.backbones],
+            "backbones": [cast(Backbone, b).hypers() for b in self.backbone.backbones],
             "num_members": self.num_members,
         }
 
@@ -360,6 +380,8 @@ class PairEnsembleModule(torch.nn.Module):
     energies and last-layer features of metatomic systems, from the engine's full
     neighbour list at the backbone's cutoff (see
     :py:meth:`~shallow_ensemble.kinds.ModelKind.exported_module`)."""
+
+    type_to_index: torch.Tensor
 
     def __init__(self, model: BackboneEnsemble) -> None:
         super().__init__()

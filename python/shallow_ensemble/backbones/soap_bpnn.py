@@ -69,6 +69,11 @@ class SoapBpnn(Backbone):
     64
     """
 
+    spline_values: torch.Tensor
+    spline_derivatives: torch.Tensor
+    feature_shift: torch.Tensor
+    feature_scale: torch.Tensor
+
     def __init__(
         self,
         atomic_types: List[int],
@@ -350,6 +355,7 @@ class SoapBpnn(Backbone):
         x = (self._power_spectrum(density) - self.feature_shift) * self.feature_scale
         grad_descriptor = x.new_zeros((n_members, n_atoms, self.descriptor_size))
         for i_type, mlp in enumerate(self.mlps):
+            assert isinstance(mlp, torch.nn.Sequential), "built by _make_mlp"
             idx = torch.nonzero(species == i_type).reshape(-1)
             h = x.index_select(0, idx)
             layers, pre_activations = [], []

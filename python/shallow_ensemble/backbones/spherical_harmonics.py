@@ -38,6 +38,9 @@ class SphericalHarmonics(torch.nn.Module):
     torch.Size([1, 9])
     """
 
+    q_index: torch.Tensor
+    phi_index: torch.Tensor
+
     def __init__(self, l_max: int) -> None:
         super().__init__()
         if l_max < 0:

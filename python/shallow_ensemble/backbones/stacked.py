@@ -58,9 +58,11 @@ class StackedBackbone(Backbone):
     ) -> torch.Tensor:
         total = None
         for i, backbone in enumerate(self.backbones):
+            assert isinstance(backbone, Backbone), "a StackedBackbone holds backbones"
             block = cotangents[..., i * self.block_size : (i + 1) * self.block_size]
             grads = backbone.vectors_vjp(
                 vectors, centers, neighbors, species, block, create_graph
             )
             total = grads if total is None else total + grads
+        assert total is not None, "__init__ checks that there are backbones"
         return total

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import CalibrationError
-from ..model import EnsembleModel
+from ..kinds import ModelKind
 from .metrics import mae, rmse, summary
 from .recalibrate import fit_alpha, stretch_members
 
@@ -58,7 +58,7 @@ class EnsemblePredictions:
 
 
 def predict_dataset(
-    model: EnsembleModel,
+    model: ModelKind,
     dataset: "GraphDataset | Sequence[Graph]",
     batch_size: int = 8,
     forces: bool = True,

@@ -55,6 +55,11 @@ class ExportedEnsemble(torch.nn.Module):
     per-atom uncertainty and a per-system ensemble can be asked for in one call.
     """
 
+    # the model's calibration factors, buffers registered in ``__init__``
+    alpha_energy: torch.Tensor
+    alpha_forces: torch.Tensor
+    alpha_atom: torch.Tensor
+
     def __init__(self, model: ModelKind) -> None:
         super().__init__()
         self.model = model.exported_module()

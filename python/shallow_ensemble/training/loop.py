@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..data import GraphDataset, batch_indices, collate
 from ..errors import TrainingError
-from ..model import EnsembleModel
+from ..kinds import ModelKind
 from .checkpoints import save_checkpoint
 from .distributed import Workers
 from .rundir import atomic_write
@@ -32,7 +32,7 @@ def _lr_factor(schedule: str, epoch: int, epochs: int) -> float:
 
 
 def _validation_loss(
-    model: EnsembleModel,
+    model: ModelKind,
     objective: Objective,
     dataset: GraphDataset,
     batch_size: int,
@@ -61,7 +61,7 @@ def _validation_loss(
 
 
 def _train_step(
-    model: EnsembleModel,
+    model: ModelKind,
     objective: Objective,
     dataset: GraphDataset,
     indices: list[int],
@@ -119,7 +119,7 @@ def _write_log(path: Path, history: list[dict[str, float]]) -> None:
 
 
 def run_epochs(
-    model: EnsembleModel,
+    model: ModelKind,
     objective: Objective,
     context: Context,
     state: dict[str, Any],

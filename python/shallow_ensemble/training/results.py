@@ -15,7 +15,7 @@ from ..calibration.predictions import (
 )
 from ..config import Config
 from ..data import GraphDataset
-from ..model import EnsembleModel
+from ..kinds import ModelKind
 from .checkpoints import load_model, read_checkpoint, save_checkpoint
 from .rundir import write_json
 from .stages import Stage
@@ -31,7 +31,7 @@ class TrainResult:
     stages, ``info["stages"]`` has the cost of each (when they write sub-folders).
     """
 
-    model: EnsembleModel
+    model: ModelKind
     checkpoint: Path
     history: list[dict[str, float]]
     calibration: dict[str, float]

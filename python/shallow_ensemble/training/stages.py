@@ -50,7 +50,7 @@ import torch
 from .. import losses
 from ..config import Config, ConfigError, TrainingConfig
 from ..data import Batch, GraphDataset
-from ..model import EnsembleModel, Prediction
+from ..kinds import ModelKind, Prediction
 from . import initialization
 from .distributed import Workers
 
@@ -169,7 +169,7 @@ class Objective:
         self._mean_head: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- optimisation ---------------------------------------------------------------
-    def param_groups(self, model: EnsembleModel) -> list[dict[str, Any]]:
+    def param_groups(self, model: ModelKind) -> list[dict[str, Any]]:
         """The backbone and the heads with their learning rates (the heads only,
         the backbone frozen, for a ``heads`` trainable set)."""
         heads = list(model.head.parameters())
@@ -185,7 +185,7 @@ class Objective:
             return groups[1:]
         return groups
 
-    def prepare(self, model: EnsembleModel) -> None:
+    def prepare(self, model: ModelKind) -> None:
         """Called once the model to train is ready (fresh or resumed): records the
         mean head to keep fixed (``pin_mean``; on a resumed run it is still the
         pinned one)."""
@@ -196,7 +196,7 @@ class Objective:
             model.head.bias.detach().mean().clone(),
         )
 
-    def after_step(self, model: EnsembleModel) -> None:
+    def after_step(self, model: ModelKind) -> None:
         """Called after every optimiser step: moves the heads back to the pinned
         mean (``pin_mean``)."""
         if not self.stage.pin_mean:
@@ -213,7 +213,7 @@ class Objective:
         """Whether ``epoch`` (from 0) trains the MSE warm-up."""
         return self.stage.probabilistic and epoch < self.stage.warmup_epochs
 
-    def loss(self, model: EnsembleModel, batch: Batch, epoch: int) -> LossParts:
+    def loss(self, model: ModelKind, batch: Batch, epoch: int) -> LossParts:
         """The loss of ``batch`` at ``epoch`` (the warm-up's MSE, or the
         objective's)."""
         warmup = self.in_warmup(epoch)
@@ -254,9 +254,11 @@ class Objective:
         self, prediction: Prediction, batch: Batch
     ) -> tuple[str, torch.Tensor]:
         assert prediction.forces is not None, "the loss asked for forces"
+        assert batch.forces is not None, "training data have forces"
         return "forces_mse", losses.mse(prediction.forces.mean(dim=0), batch.forces)
 
     def _mse(self, prediction: Prediction, batch: Batch) -> LossParts:
+        assert batch.energy is not None, "training data have energies"
         energy = prediction.energies.mean(dim=1) / batch.n_atoms
         e_loss = losses.mse(energy, batch.energy / batch.n_atoms)
         return self._combine(
@@ -290,7 +292,7 @@ class Context:
     inherited_seconds: float = 0.0
 
 
-def start_model(context: Context) -> EnsembleModel:
+def start_model(context: Context) -> ModelKind:
     """The model a stage starts from (see the module documentation)."""
     stage, config = context.stage, context.config
     if stage.start == "fresh":
@@ -337,7 +339,7 @@ def start_model(context: Context) -> EnsembleModel:
     return model
 
 
-def _load_source(context: Context) -> EnsembleModel:
+def _load_source(context: Context) -> ModelKind:
     from .checkpoints import load_model
 
     assert context.source is not None, "checked by the configuration"
@@ -346,7 +348,7 @@ def _load_source(context: Context) -> EnsembleModel:
     return model
 
 
-def _from_metatomic(context: Context) -> EnsembleModel:
+def _from_metatomic(context: Context) -> ModelKind:
     from ..extended import extend_metatomic_model
 
     m, t = context.config.model, context.config.training
@@ -360,7 +362,7 @@ def _from_metatomic(context: Context) -> EnsembleModel:
     )
 
 
-def _stack(context: Context) -> EnsembleModel:
+def _stack(context: Context) -> ModelKind:
     """The models of the earlier stages as one ensemble (a deep ensemble); its
     cost includes their training."""
     from .checkpoints import load_model, read_checkpoint

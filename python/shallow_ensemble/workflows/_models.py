@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 
 if TYPE_CHECKING:
-    from ..model import EnsembleModel
+    from ..kinds import ModelKind
 
 
 PathLike = str | os.PathLike[str]
@@ -28,7 +28,7 @@ def is_torchscript(path: PathLike) -> bool:
         return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
-def load_model(path: PathLike) -> "EnsembleModel":
+def load_model(path: PathLike) -> "ModelKind":
     """Rebuild the model stored in a checkpoint (``model.ckpt`` from ``train``), in
     its training dtype, with its calibration factors.
 

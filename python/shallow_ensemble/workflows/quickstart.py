@@ -2,6 +2,7 @@
 ethanol data."""
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +124,7 @@ def run_md(
     if isinstance(structure, ase.Atoms):
         atoms = structure.copy()
     else:
-        atoms = ase.io.read(structure, index=0)
+        atoms = ase.io.read(os.fspath(structure), index=0)
     calc = MetatomicCalculator(
         str(model_path), check_consistency=True, uncertainty_threshold=None
     )
