@@ -15,6 +15,7 @@ calibrated per-system ``energy_ensemble`` of the exported model.
 """
 
 import json
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -92,9 +93,10 @@ def main() -> None:
     base = tiny_soap_bpnn(
         seed=20, num_members=1, max_radial=1, max_angular=1, hidden_sizes=[4]
     )
-    base_file = export_model(base, Path("/tmp") / "shallow-ensemble-v1-base.pt")
     train_set = GraphDataset(read_structures(ETHANOL)[:8], 3.5)
-    wrapped = extend_metatomic_model(base_file, train_set)
+    with tempfile.TemporaryDirectory() as folder:
+        base_file = export_model(base, Path(folder) / "base.pt")
+        wrapped = extend_metatomic_model(base_file, train_set)
     generator = torch.Generator().manual_seed(3)
     size = wrapped.head.feature_size
     wrapped.head.set_members(

@@ -153,7 +153,12 @@ def checkpoint_cutoff(path: str | Path) -> float:
 
 def load_model(path: str | Path) -> ModelKind:
     """Rebuild the model stored in a checkpoint (in its training dtype)."""
-    payload = read_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path))
+
+
+def model_from_checkpoint(payload: dict[str, Any]) -> ModelKind:
+    """Rebuild the model of a checkpoint dictionary read by
+    :py:func:`read_checkpoint` (in its training dtype)."""
     model = build_model(payload["hypers"])
     # convert first: loading float64 weights into float32 parameters would round them
     model = model.to(getattr(torch, payload.get("dtype", "float64")))

@@ -170,26 +170,22 @@ def protocol_stages(config: Config) -> list[Stage]:
     its own epochs and learning rate (``protocol.*``). Stage ``n`` writes
     ``OUTDIR/<n>-<name>/``.
     """
-    p, t = config.protocol, config.training
+    p = config.protocol
     if config.model.from_metatomic is not None:
         stages = from_metatomic(config)
     else:
         stages = PRESETS[p.first](config)
     if stages[0].name in ("mse", "from_metatomic"):
         stages += laplace(config)
+    (tuned,) = finetune(config)
     stages.append(
-        Stage(
-            name="finetune",
-            start="checkpoint",
-            objective="energy_force_nll",
+        dataclasses.replace(
+            tuned,
             trainable=p.finetune_target,
-            num_members=config.model.num_members,
             epochs=p.finetune_epochs,
             warmup_epochs=0,
             learning_rate=p.finetune_learning_rate,
             heads_learning_rate=p.finetune_learning_rate,
-            pin_mean=t.pin_mean,
-            seed=t.seed,
         )
     )
     return [

@@ -16,7 +16,7 @@ from ..calibration.predictions import (
 from ..config import Config
 from ..data import GraphDataset
 from ..kinds import ModelKind
-from .checkpoints import load_model, read_checkpoint, save_checkpoint
+from .checkpoints import model_from_checkpoint, read_checkpoint, save_checkpoint
 from .rundir import write_json
 from .stages import Stage
 
@@ -45,7 +45,7 @@ def written_result(outdir: Path, history: list[dict[str, float]]) -> TrainResult
     path = outdir / "model.ckpt"
     state = read_checkpoint(path)
     return TrainResult(
-        load_model(path),
+        model_from_checkpoint(state),
         path,
         history,
         state["calibration"],
@@ -76,7 +76,8 @@ def finalize(
 ) -> TrainResult:
     """Reload the best model, calibrate it on validation data, write model.ckpt
     (with the configuration and the ``stage`` that made it)."""
-    model = load_model(outdir / "best.ckpt").to(device=device, dtype=dtype)
+    best_state = read_checkpoint(outdir / "best.ckpt")
+    model = model_from_checkpoint(best_state).to(device=device, dtype=dtype)
     model.eval()
     batch_size = config.training.batch_size
     predictions = predict_dataset(model, datasets["valid"], batch_size)
@@ -95,7 +96,6 @@ def finalize(
         test = test.calibrated(calibration["alpha_energy"], calibration["alpha_forces"])
         metrics["test"] = evaluate_predictions(test)
     info = dict(info or {})
-    best_state = read_checkpoint(outdir / "best.ckpt")
     best_epoch = best_state["epoch"] + 1 if best_state["epoch"] >= 0 else None
     payload = {
         "config": config.to_dict(),

@@ -164,8 +164,6 @@ class Objective:
     def __init__(self, stage: Stage, training: TrainingConfig) -> None:
         self.stage = stage
         self.training = training
-        self.name = stage.name
-        self.warmup_epochs = stage.warmup_epochs
         self._mean_head: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- optimisation ---------------------------------------------------------------
@@ -365,11 +363,12 @@ def _from_metatomic(context: Context) -> ModelKind:
 def _stack(context: Context) -> ModelKind:
     """The models of the earlier stages as one ensemble (a deep ensemble); its
     cost includes their training."""
-    from .checkpoints import load_model, read_checkpoint
+    from .checkpoints import model_from_checkpoint, read_checkpoint
 
     if not context.previous:
         raise ValueError(f"stage '{context.stage.name}' has no models to stack")
-    seconds = sum(read_checkpoint(p)["train_seconds"] for p in context.previous)
+    members = [read_checkpoint(p) for p in context.previous]
+    seconds = sum(member["train_seconds"] for member in members)
     context.info["members_train_seconds"] = seconds
     context.inherited_seconds = seconds
-    return initialization.stack_models([load_model(p) for p in context.previous])
+    return initialization.stack_models([model_from_checkpoint(m) for m in members])

@@ -23,7 +23,7 @@ from ..data import GraphDataset
 from ..errors import TrainingError
 from .checkpoints import (
     checkpoint_cutoff,
-    load_model,
+    model_from_checkpoint,
     read_checkpoint,
     save_checkpoint,
 )
@@ -187,7 +187,9 @@ def _run_stages(
         atomic_write(path, lambda tmp: shutil.copyfile(previous[-1], tmp))
     workers.barrier()
     return TrainResult(
-        result.model if ran_last and result is not None else load_model(path),
+        result.model
+        if ran_last and result is not None
+        else model_from_checkpoint(final_state),
         path,
         result.history if ran_last and result is not None else [],
         final_state["calibration"],
@@ -267,7 +269,7 @@ def _run_stage(
     if resume and stage.trains:
         state = read_checkpoint(outdir / "last.ckpt")
         _check_same_run(state, config, stage, outdir / "last.ckpt")
-        model = load_model(outdir / "last.ckpt")
+        model = model_from_checkpoint(state)
         context.info = state.get("info", {})
     else:
         model = start_model(context)
