@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator
 
 from ..errors import ShallowEnsembleError
-from . import evaluate, export, quickstart, train
+from . import evaluate, export, quickstart, select, train
 
 
 COMMANDS = {
@@ -16,6 +16,7 @@ COMMANDS = {
     "evaluate": evaluate,
     "export": export,
     "quickstart": quickstart,
+    "select": select,
 }
 
 

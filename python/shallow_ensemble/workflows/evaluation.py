@@ -167,10 +167,17 @@ def _predict_exported(
         ase.Atoms(numbers=s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc)
         for s in structures
     ]
-    energy_ref = torch.tensor([s.energy for s in structures], dtype=torch.float64)
+    # references only where every structure has them (candidates for `select`
+    # have none), as for checkpoints (predict_dataset)
+    energies = [s.energy for s in structures]
+    energy_ref = (
+        torch.tensor(energies, dtype=torch.float64)
+        if all(e is not None for e in energies)
+        else None
+    )
     forces_ref = (
         torch.cat([torch.tensor(s.forces, dtype=torch.float64) for s in structures])
-        if forces
+        if forces and all(s.forces is not None for s in structures)
         else None
     )
     return predict_frames(model, frames, forces, energy_ref, forces_ref)
