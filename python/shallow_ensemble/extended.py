@@ -22,6 +22,7 @@ from metatomic.torch import NeighborListOptions, System
 from .backbones.metatomic_model import MetatomicModelBackbone, batch_to_systems
 from .heads import ResidualEnsembleHead
 from .kinds import (
+    KindError,
     ModelKind,
     Prediction,
     check_forces_mode,
@@ -93,10 +94,21 @@ class ExtendedModel(ModelKind):
         return f"the metatomic model '{self.backbone.model_name}'"
 
     def predict(
-        self, batch: "Batch", forces: str = "none", create_graph: bool = False
+        self,
+        batch: "Batch",
+        forces: str = "none",
+        create_graph: bool = False,
+        stress: bool = False,
     ) -> Prediction:
-        """Member energies (and forces, by autograd through the wrapped model)."""
+        """Member energies (and forces, by autograd through the wrapped model);
+        stresses are not available for this kind (the exported model's engines
+        compute them)."""
         check_forces_mode(forces)
+        if stress:
+            raise KindError(
+                "the model kind 'metatomic' cannot train on or predict stresses; set "
+                "`training.stress_weight: 0` or remove the stresses from the data"
+            )
         positions = batch.positions
         if forces != "none":
             positions = positions.detach().requires_grad_(True)

@@ -41,17 +41,22 @@ class KindError(ShallowEnsembleError, ValueError):
 
 @dataclass
 class Prediction:
-    """Uncalibrated model outputs for a batch.
+    r"""Uncalibrated model outputs for a batch.
 
     :param atomic: per-atom member energies, ``(n_atoms, n_members)``, eV
     :param energies: member energies, ``(n_systems, n_members)``, eV
     :param forces: member forces ``(n_members, n_atoms, 3)`` (or ``(1, n_atoms, 3)``
         for the forces of the mean energy), eV/angstrom; ``None`` if not computed
+    :param stress: member stresses ``(n_members, n_systems, 3, 3)`` (or
+        ``(1, n_systems, 3, 3)`` for the mean energy, like ``forces``), eV/Å³, ASE's
+        sign convention :math:`\frac{1}{V} \partial E / \partial \varepsilon`;
+        zero for systems without a volume; ``None`` if not computed
     """
 
     atomic: torch.Tensor
     energies: torch.Tensor
     forces: torch.Tensor | None
+    stress: torch.Tensor | None = None
 
 
 FORCES_MODES = ("none", "mean", "members")
@@ -141,6 +146,9 @@ class ModelKind(torch.nn.Module):
     alpha_forces: torch.Tensor
     alpha_atom: torch.Tensor
 
+    #: whether :py:meth:`predict` computes stresses (``stress=True``)
+    predicts_stress: bool = False
+
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("alpha_energy", torch.ones(()))
@@ -186,7 +194,11 @@ class ModelKind(torch.nn.Module):
         energy scale) on the training set; nothing by default."""
 
     def predict(
-        self, batch: "Batch", forces: str = "none", create_graph: bool = False
+        self,
+        batch: "Batch",
+        forces: str = "none",
+        create_graph: bool = False,
+        stress: bool = False,
     ) -> Prediction:
         """Member energies (and forces) of a :py:class:`~shallow_ensemble.data.Batch`.
 
@@ -194,6 +206,9 @@ class ModelKind(torch.nn.Module):
         :param forces: ``"none"``, ``"mean"`` (forces of the mean energy only) or
             ``"members"`` (forces of every member)
         :param create_graph: keep the graph of the forces for a force loss
+        :param stress: also the stresses, of the mean or of every member as
+            ``forces`` says (which must not be ``"none"``); a kind that cannot
+            compute them raises a :py:class:`KindError`
         :return: uncalibrated :py:class:`Prediction`
         """
         raise NotImplementedError

@@ -299,6 +299,79 @@ def force_crps(
     )
 
 
+VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
+"""The six independent components of a symmetric 3x3 tensor, in Voigt order
+``xx yy zz yz xz xy``."""
+
+
+def virials_per_atom(
+    stress: torch.Tensor, cell: torch.Tensor, n_atoms: torch.Tensor
+) -> torch.Tensor:
+    r"""The six components of :math:`V \sigma / N` (eV) of each system.
+
+    Stress losses compare these rather than stresses (eV/Å³): a per-atom virial has
+    the scale of a per-atom energy, so one weight balances the two for any cell.
+
+    :param stress: ``(..., n_systems, 3, 3)``, eV/Å³
+    :param cell: ``(n_systems, 3, 3)``, Å
+    :param n_atoms: ``(n_systems,)``
+    :return: ``(..., n_systems, 6)``, eV
+    """
+    volume = torch.linalg.det(cell.to(stress.dtype)).abs()
+    scale = volume / n_atoms.to(stress.dtype)
+    return voigt(stress) * scale.unsqueeze(-1)
+
+
+def voigt(tensor: torch.Tensor) -> torch.Tensor:
+    """The six components ``xx yy zz yz xz xy`` of symmetric 3x3 matrices
+    ``(..., 3, 3)``, as ``(..., 6)``."""
+    rows = [a for a, _ in VOIGT]
+    cols = [b for _, b in VOIGT]
+    return tensor[..., rows, cols]
+
+
+def stress_loss(
+    name: str,
+    member_stress: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    cell: torch.Tensor,
+    n_atoms: torch.Tensor,
+) -> torch.Tensor:
+    r"""Loss of the stresses of the systems in ``mask``, per structure of the batch.
+
+    The loss ``name`` (``"mse"`` of the ensemble mean, or a key of
+    :py:data:`FORCE_LOSSES`: the Gaussian NLL per component for both NLL keys, or the
+    CRPS) compares the six components of :py:func:`virials_per_atom`; it is averaged
+    over the systems with a stress, then multiplied by their share of the batch, so
+    that the term is a mean over all the structures (those without stress count as
+    zero), like the energy term.
+
+    :param member_stress: ``(n_members, n_systems, 3, 3)`` (one member for the mean
+        of an MSE), eV/Å³
+    :param target: ``(n_systems, 3, 3)``, eV/Å³ (any values where ``mask`` is
+        ``False``)
+    :param mask: ``(n_systems,)``, ``bool``
+    :param cell: ``(n_systems, 3, 3)``, Å
+    :param n_atoms: ``(n_systems,)``
+    :return: scalar
+    """
+    share = mask.to(member_stress.dtype).mean()
+    members = virials_per_atom(member_stress, cell, n_atoms)[:, mask]
+    reference = virials_per_atom(target, cell, n_atoms)[mask]
+    if name == "mse":
+        value = mse(members.mean(dim=0), reference)
+    else:
+        mean, var = ensemble_mean_var(members, dim=0)
+        if name == "gaussian_crps_ensemble":
+            std = _floored_std(var, DEFAULT_STD_FLOOR)
+            value = gaussian_crps(reference, mean, std)
+        else:
+            _get_loss(FORCE_LOSSES, name)  # an unknown name is an error
+            value = gaussian_nll(reference, mean, var)
+    return value * share
+
+
 ENERGY_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "gaussian_nll_ensemble": energy_nll,
     "gaussian_crps_ensemble": energy_crps,

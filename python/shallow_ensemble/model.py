@@ -97,6 +97,7 @@ class BackboneEnsemble(ModelKind):
     :param num_members: number of heads ``M``
     """
 
+    predicts_stress = True
     #: the backbone of this kind (``None``: the subclass builds its own)
     backbone_class: Optional[Type[Backbone]] = None
     from_scratch = True
@@ -166,12 +167,20 @@ class BackboneEnsemble(ModelKind):
         return PairEnsembleModule(self)
 
     def predict(
-        self, batch: "Batch", forces: str = "none", create_graph: bool = False
+        self,
+        batch: "Batch",
+        forces: str = "none",
+        create_graph: bool = False,
+        stress: bool = False,
     ) -> Prediction:
-        """Member energies (and forces) of a :py:class:`~shallow_ensemble.data.Batch`
-        (see :py:meth:`~shallow_ensemble.kinds.ModelKind.predict`); member forces in
-        one batched pass, ``"mean"`` forces by one plain backward pass."""
+        """Member energies (and forces, stresses) of a
+        :py:class:`~shallow_ensemble.data.Batch` (see
+        :py:meth:`~shallow_ensemble.kinds.ModelKind.predict`); member forces and
+        stresses in one batched pass (both contract the same gradients with respect
+        to the pair vectors), ``"mean"`` ones by one plain backward pass."""
         check_forces_mode(forces)
+        if stress and forces == "none":
+            raise ValueError("stresses need `forces` to be 'mean' or 'members'")
         species = self.species_index(batch.numbers)
         vectors = batch.pair_vectors()
         grad_mode = torch.is_grad_enabled()
@@ -189,8 +198,9 @@ class BackboneEnsemble(ModelKind):
                 create_graph=create_graph,
                 retain_graph=create_graph or grad_mode,
             )
+            pair_grads = pair_grads.unsqueeze(0)
             member_forces = pair_forces_to_atoms(
-                pair_grads.unsqueeze(0), batch.centers, batch.neighbors, atomic.shape[0]
+                pair_grads, batch.centers, batch.neighbors, atomic.shape[0]
             )
             if not grad_mode:
                 atomic, energies = atomic.detach(), energies.detach()
@@ -208,7 +218,12 @@ class BackboneEnsemble(ModelKind):
             member_forces = pair_forces_to_atoms(
                 pair_grads, batch.centers, batch.neighbors, atomic.shape[0]
             )
-        return Prediction(atomic=atomic, energies=energies, forces=member_forces)
+        member_stress: Optional[torch.Tensor] = None
+        if stress:
+            member_stress = pair_stress(pair_grads, vectors.detach(), batch)
+        return Prediction(
+            atomic=atomic, energies=energies, forces=member_forces, stress=member_stress
+        )
 
     def head_design(self, batch: "Batch") -> Tuple[torch.Tensor, torch.Tensor]:
         """``phi_i = s (f_i, 1)`` and the composition baseline as offsets, float64
@@ -436,3 +451,32 @@ def pair_forces_to_atoms(
     forces = pair_grads.new_zeros((pair_grads.shape[0], n_atoms, 3))
     forces = forces.index_add(1, centers, pair_grads)
     return forces.index_add(1, neighbors, -pair_grads)
+
+
+def pair_stress(
+    pair_grads: torch.Tensor, vectors: torch.Tensor, batch: "Batch"
+) -> torch.Tensor:
+    r"""Stresses from energy gradients w.r.t. pair vectors :math:`R_{ij}`.
+
+    A homogeneous strain :math:`\varepsilon` maps every pair vector to
+    :math:`(1 + \varepsilon) R`, so
+    :math:`\partial E / \partial \varepsilon_{ab} = \sum_{ij}
+    (\partial E / \partial R_{ij})_a R_{ij, b}` summed over the pairs of a system,
+    and the stress is that over the cell volume (ASE's convention; the virial is
+    :math:`-V \sigma`). Systems without a volume (not periodic along all three
+    directions) get zeros.
+
+    :param pair_grads: ``(n_members, n_pairs, 3)``
+    :param vectors: the pair vectors, ``(n_pairs, 3)``, Å
+    :return: ``(n_members, n_systems, 3, 3)``, eV/Å³
+    """
+    per_pair = pair_grads.unsqueeze(-1) * vectors.unsqueeze(-2)
+    pair_system = batch.system_index[batch.centers]
+    strain_derivative = per_pair.new_zeros(
+        (pair_grads.shape[0], batch.n_systems, 3, 3)
+    ).index_add(1, pair_system, per_pair)
+    assert batch.cell is not None, "batches from collate have cells"
+    volume = torch.linalg.det(batch.cell.to(per_pair.dtype)).abs()
+    safe = torch.where(volume > 0, volume, torch.ones_like(volume))
+    inverse = torch.where(volume > 0, 1.0 / safe, torch.zeros_like(volume))
+    return strain_derivative * inverse[None, :, None, None]

@@ -8,12 +8,13 @@ import torch
 
 from ..errors import CalibrationError
 from ..kinds import ModelKind
+from ..losses import voigt
 from .metrics import mae, rmse, summary
 from .recalibrate import fit_alpha, stretch_members
 
 
 if TYPE_CHECKING:
-    from ..data import Graph, GraphDataset
+    from ..data import Batch, Graph, GraphDataset
 
 
 @dataclass
@@ -26,6 +27,10 @@ class EnsemblePredictions:
     :param atomic: per-atom member energies ``(n_atoms_total, M)``, eV
     :param forces: member forces ``(M, n_atoms_total, 3)``, eV/angstrom, or ``None``
     :param forces_ref: ``(n_atoms_total, 3)`` or ``None``
+    :param stress: member stresses ``(M, n_structures, 3, 3)``, eV/Å³, or ``None``
+    :param stress_ref: reference stresses ``(n_structures, 3, 3)`` (zeros where
+        ``stress_mask`` is ``False``) or ``None``
+    :param stress_mask: which structures have a reference stress, ``(n_structures,)``
     """
 
     energies: torch.Tensor
@@ -35,6 +40,9 @@ class EnsemblePredictions:
     forces: torch.Tensor | None
     forces_ref: torch.Tensor | None
     system_index: torch.Tensor
+    stress: torch.Tensor | None = None
+    stress_ref: torch.Tensor | None = None
+    stress_mask: torch.Tensor | None = None
 
     @property
     def num_members(self) -> int:
@@ -43,7 +51,9 @@ class EnsemblePredictions:
     def calibrated(
         self, alpha_energy: float, alpha_forces: float
     ) -> "EnsemblePredictions":
-        """Members stretched around their mean by the calibration factors."""
+        """Members stretched around their mean by the calibration factors (member
+        stresses, gradients like the forces, by ``alpha_forces``, as in the
+        exported model)."""
         return EnsemblePredictions(
             energies=stretch_members(self.energies, alpha_energy, dim=1),
             energy_ref=self.energy_ref,
@@ -54,6 +64,11 @@ class EnsemblePredictions:
             else stretch_members(self.forces, alpha_forces, dim=0),
             forces_ref=self.forces_ref,
             system_index=self.system_index,
+            stress=None
+            if self.stress is None
+            else stretch_members(self.stress, alpha_forces, dim=0),
+            stress_ref=self.stress_ref,
+            stress_mask=self.stress_mask,
         )
 
 
@@ -63,7 +78,9 @@ def predict_dataset(
     batch_size: int = 8,
     forces: bool = True,
 ) -> EnsemblePredictions:
-    """Uncalibrated member energies (and member forces) of every structure."""
+    """Uncalibrated member energies (and member forces) of every structure, and the
+    member stresses of the structures with a reference stress (if the model kind
+    predicts stresses)."""
     from ..data import iterate_batches
 
     parameter = next(model.parameters())
@@ -76,13 +93,16 @@ def predict_dataset(
         [],
         [],
     )
+    stresses: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     offset = 0
     for batch in iterate_batches(dataset, batch_size, shuffle=False):
         batch = batch.to(device=parameter.device, dtype=parameter.dtype)
         mode = "members" if forces else "none"
         if forces and model.num_members == 1:
             mode = "mean"
-        prediction = model.predict(batch, forces=mode)
+        with_stress = forces and model.predicts_stress and batch.stress is not None
+        prediction = model.predict(batch, forces=mode, stress=with_stress)
+        stresses.append(_batch_stress(prediction.stress, batch))
         energies.append(prediction.energies.detach().double().cpu())
         atomic.append(prediction.atomic.detach().double().cpu())
         n_atoms.append(batch.n_atoms.cpu())
@@ -96,6 +116,8 @@ def predict_dataset(
             if batch.forces is not None:
                 forces_ref.append(batch.forces.double().cpu())
     n_batches = len(energies)
+    stress_mask = torch.cat([mask for _, _, mask in stresses])
+    has_stress = bool(stress_mask.any())
     return EnsemblePredictions(
         energies=torch.cat(energies),
         energy_ref=torch.cat(refs) if len(refs) == n_batches else None,
@@ -106,6 +128,30 @@ def predict_dataset(
         if forces and len(forces_ref) == n_batches
         else None,
         system_index=torch.cat(system_index),
+        stress=torch.cat([s for s, _, _ in stresses], dim=1) if has_stress else None,
+        stress_ref=torch.cat([r for _, r, _ in stresses]) if has_stress else None,
+        stress_mask=stress_mask if has_stress else None,
+    )
+
+
+def _batch_stress(
+    stress: torch.Tensor | None, batch: "Batch"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Member stresses, references and mask of a batch (zeros, ``False`` where the
+    batch has no reference stress or the model none), float64 on the CPU."""
+    n = batch.n_systems
+    if stress is None or batch.stress is None or batch.stress_mask is None:
+        zeros = torch.zeros((n, 3, 3), dtype=torch.float64)
+        members = 1 if stress is None else stress.shape[0]
+        return (
+            zeros.expand(members, -1, -1, -1),
+            zeros,
+            torch.zeros(n, dtype=torch.bool),
+        )
+    return (
+        stress.detach().double().cpu(),
+        batch.stress.double().cpu(),
+        batch.stress_mask.cpu(),
     )
 
 
@@ -260,7 +306,8 @@ def _report(
 def evaluate_predictions(
     predictions: EnsemblePredictions,
 ) -> dict[str, dict[str, float]]:
-    """Accuracy and calibration metrics (energies per structure, force components).
+    """Accuracy and calibration metrics (energies per structure, force components,
+    and the six stress components of the structures with a reference stress, eV/Å³).
 
     RMSE, MAE and ``n`` use every component. For an ensemble, components without
     spread (:py:func:`zero_spread`) are left out of the probabilistic metrics (NLL,
@@ -281,4 +328,11 @@ def evaluate_predictions(
     if predictions.forces is not None and predictions.forces_ref is not None:
         mean, std = mean_std(predictions.forces, 0)
         report["forces"] = _report(predictions.forces_ref, mean, std, members)
+    if predictions.stress is not None and predictions.stress_ref is not None:
+        mask = predictions.stress_mask
+        assert mask is not None, "a reference stress comes with its mask"
+        members_voigt = voigt(predictions.stress[:, mask])
+        mean, std = mean_std(members_voigt, 0)
+        reference = voigt(predictions.stress_ref[mask])
+        report["stress"] = _report(reference, mean, std, members)
     return report

@@ -150,6 +150,7 @@ def _validate(config: Config) -> None:
         (t.weight_decay >= 0, "training.weight_decay", "at least 0"),
         (t.energy_weight >= 0, "training.energy_weight", "at least 0"),
         (t.forces_weight >= 0, "training.forces_weight", "at least 0"),
+        (t.stress_weight >= 0, "training.stress_weight", "at least 0"),
         (t.grad_clip >= 0, "training.grad_clip", "at least 0 (0 disables clipping)"),
         (t.random_heads_std > 0, "training.random_heads_std", "positive"),
         (

@@ -67,6 +67,13 @@ class DataConfig:
     """Name of the energy in the XYZ header (ASE calculator or ``info`` key)."""
     forces_key: str = "forces"
     """Name of the per-atom forces array."""
+    stress_key: str = "stress"
+    """Name of the per-frame stress (eV/Å³, ASE's sign convention, 6 Voigt or 9
+    components; ASE writes it with ``write(..., format="extxyz")``). Frames without
+    it train on energies and forces only; it needs a cell periodic in 3D."""
+    virial_key: str = "virial"
+    """Name of the per-frame virial (eV, 9 components; the virial is minus the volume
+    times the stress), read as a stress when a frame has no ``stress_key``."""
     split_seed: int = 0
     """Seed of the random split when ``valid`` or ``test`` are fractions."""
 
@@ -139,6 +146,13 @@ class TrainingConfig:
     """Weight of the energy term (losses on per-atom energies, eV)."""
     forces_weight: float = 1.0
     """Weight of the forces term (eV/angstrom)."""
+    stress_weight: float = 1.0
+    """Weight of the stress term, on the frames that have a stress: losses on the
+    virial per atom, volume times stress over the number of atoms (eV, the scale of
+    the per-atom energy), averaged over all the structures of a batch (the frames
+    without stress count as zero). The probabilistic strategies that train member forces train the
+    member stresses with ``forces_loss``'s kind (logged as ``stress_nll`` or
+    ``stress_crps``); the others an MSE of the mean (``stress_mse``)."""
     energy_loss: EnergyLossName = "gaussian_nll_ensemble"
     """Probabilistic energy loss: Gaussian NLL or CRPS of the per-atom energies
     (logged as ``energy_nll`` or ``energy_crps``)."""

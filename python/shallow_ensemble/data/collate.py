@@ -29,6 +29,10 @@ class Batch:
     :param forces: forces, shape ``(n_atoms, 3)``, eV/Å, or ``None``
     :param cell: cell vectors (rows) of each system, shape ``(n_systems, 3, 3)``, Å;
         zero rows along non-periodic directions (``None`` if unknown)
+    :param stress: stresses, shape ``(n_systems, 3, 3)``, eV/Å³, zero for the
+        systems without one, or ``None`` if no system has one
+    :param stress_mask: which systems have a stress, shape ``(n_systems,)``,
+        ``bool`` (``None`` with ``stress``)
     """
 
     numbers: torch.Tensor
@@ -41,6 +45,8 @@ class Batch:
     energy: torch.Tensor | None
     forces: torch.Tensor | None
     cell: torch.Tensor | None = None
+    stress: torch.Tensor | None = None
+    stress_mask: torch.Tensor | None = None
 
     @property
     def n_systems(self) -> int:
@@ -75,6 +81,8 @@ class Batch:
             energy=None if self.energy is None else floats(self.energy),
             forces=None if self.forces is None else floats(self.forces),
             cell=None if self.cell is None else floats(self.cell),
+            stress=None if self.stress is None else floats(self.stress),
+            stress_mask=None if self.stress_mask is None else ints(self.stress_mask),
         )
 
     def pair_vectors(self) -> torch.Tensor:
@@ -93,7 +101,8 @@ def collate(graphs: Sequence[Graph]) -> Batch:
     """Concatenate graphs into one :class:`Batch`, offsetting the pair indices.
 
     :param graphs: graphs to batch (at least one)
-    :return: the batch; ``energy``/``forces`` are ``None`` if any graph lacks them
+    :return: the batch; ``energy``/``forces`` are ``None`` if any graph lacks them,
+        ``stress`` is ``None`` if all do (zeros where some do, see ``stress_mask``)
     :raises ValueError: if ``graphs`` is empty
     """
     if len(graphs) == 0:
@@ -105,6 +114,7 @@ def collate(graphs: Sequence[Graph]) -> Batch:
 
     energies = [graph.energy for graph in graphs]
     forces = [graph.forces for graph in graphs]
+    stress, stress_mask = _stack_stress(graphs)
     return Batch(
         numbers=torch.cat([graph.numbers for graph in graphs]),
         positions=torch.cat([graph.positions for graph in graphs]),
@@ -122,7 +132,21 @@ def collate(graphs: Sequence[Graph]) -> Batch:
         if any(f is None for f in forces)
         else torch.cat([f for f in forces if f is not None]),
         cell=torch.stack([graph.cell for graph in graphs]),
+        stress=stress,
+        stress_mask=stress_mask,
     )
+
+
+def _stack_stress(
+    graphs: Sequence[Graph],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Stresses ``(n_systems, 3, 3)`` (zeros where missing) and their mask."""
+    mask = torch.tensor([graph.stress is not None for graph in graphs])
+    if not bool(mask.any()):
+        return None, None
+    zeros = graphs[0].positions.new_zeros((3, 3))
+    stresses = [zeros if g.stress is None else g.stress for g in graphs]
+    return torch.stack(stresses), mask
 
 
 def batch_indices(

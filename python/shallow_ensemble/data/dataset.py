@@ -36,6 +36,8 @@ class Graph:
         ``cell``), shape ``(n_pairs, 3)``, Å
     :param energy: total energy, 0-dimensional tensor, eV, or ``None``
     :param forces: forces, shape ``(n_atoms, 3)``, eV/Å, or ``None``
+    :param stress: stress, shape ``(3, 3)``, eV/Å³ (ASE's sign convention), or
+        ``None``
     """
 
     numbers: torch.Tensor
@@ -46,6 +48,7 @@ class Graph:
     cell_shifts: torch.Tensor
     energy: torch.Tensor | None
     forces: torch.Tensor | None
+    stress: torch.Tensor | None = None
 
     @property
     def n_atoms(self) -> int:
@@ -123,6 +126,7 @@ def build_graph(
         if structure.energy is None
         else torch.tensor(structure.energy, dtype=dtype),
         forces=None if structure.forces is None else as_float(structure.forces),
+        stress=None if structure.stress is None else as_float(structure.stress),
     )
 
 

@@ -1,4 +1,10 @@
-"""Read extended XYZ files into validated :class:`Structure` objects.
+r"""Read extended XYZ files into validated :class:`Structure` objects.
+
+Units: energies in eV, forces in eV/Å, stress in eV/Å³ with ASE's sign convention
+(:math:`\sigma = \frac{1}{V} \partial E / \partial \varepsilon`, what
+``atoms.get_stress()`` returns; positive along a direction that wants to shrink), or
+the virial in eV (the extended XYZ convention of many DFT tools,
+:math:`W = -V \sigma`), read as the stress :math:`-W / V`.
 
 Every problem with the input is reported as a :class:`DataError` whose message names
 the file, the frame (counted from 0) and what is wrong, so that a bad training set
@@ -56,6 +62,8 @@ class Structure:
     :param forces: forces, shape ``(n_atoms, 3)``, ``float64``, eV/Å, or ``None``
         when absent
     :param source: where the structure comes from, as ``"path:frame"`` (0-based)
+    :param stress: stress, shape ``(3, 3)``, ``float64``, eV/Å³ (ASE's sign
+        convention), or ``None`` when absent (only periodic frames have one)
     """
 
     numbers: npt.NDArray[np.int64]
@@ -65,6 +73,7 @@ class Structure:
     energy: float | None
     forces: npt.NDArray[np.float64] | None
     source: str
+    stress: npt.NDArray[np.float64] | None = None
 
     @property
     def n_atoms(self) -> int:
@@ -80,6 +89,8 @@ def read_structures(
     require_forces: bool = True,
     *,
     origin: str | None = None,
+    stress_key: str = "stress",
+    virial_key: str = "virial",
 ) -> list[Structure]:
     """Read and validate all frames of an extended XYZ file.
 
@@ -95,6 +106,11 @@ def read_structures(
         frames get ``energy=None``
     :param require_forces: raise when a frame has no forces; if ``False`` such
         frames get ``forces=None``
+    :param stress_key: name of the per-frame stress (eV/Å³, 6 Voigt components
+        ``xx yy zz yz xz xy`` or 9 of a 3x3 matrix); frames without it are read
+        without stress (they may be mixed with frames that have one)
+    :param virial_key: name of the per-frame virial (eV, 9 components or 3x3),
+        read as the stress :math:`-W/V` when a frame has no ``stress_key``
     :param origin: where ``path`` was given, for the message of a missing file, e.g.
         ``"`data.train` in /runs/config.yaml, relative to that file's folder"``;
         without it, a relative ``path`` is said to be taken from the current directory
@@ -130,6 +146,8 @@ def read_structures(
             forces_key,
             require_energy,
             require_forces,
+            stress_key,
+            virial_key,
         )
         for index, atoms in enumerate(frames)
     ]
@@ -261,6 +279,55 @@ def _read_forces(
     return forces
 
 
+def _as_matrix(value: Any, where: str, what: str) -> npt.NDArray[np.float64]:
+    """A stress or virial given as 6 Voigt components or 9 numbers, as 3x3."""
+    try:
+        array = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: {what} is not numeric")
+    if array.size == 6:
+        xx, yy, zz, yz, xz, xy = array.reshape(6)
+        array = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+    elif array.size == 9:
+        array = array.reshape(3, 3)
+    else:
+        raise DataError(
+            f"{where}: {what} has {array.size} values but must have 6 (Voigt order "
+            "xx yy zz yz xz xy) or 9 (a 3x3 matrix)"
+        )
+    if not np.isfinite(array).all():
+        raise DataError(f"{where}: {what} contains NaN or inf values")
+    if not np.allclose(array, array.T, rtol=1e-6, atol=1e-10):
+        raise DataError(f"{where}: {what} is not a symmetric 3x3 matrix")
+    return array
+
+
+def _read_stress(
+    atoms: ase.Atoms,
+    where: str,
+    cell: npt.NDArray[np.float64],
+    pbc: npt.NDArray[np.bool_],
+    stress_key: str,
+    virial_key: str,
+) -> npt.NDArray[np.float64] | None:
+    """The stress of a frame (eV/Å³), from ``stress_key`` or ``virial_key``."""
+    stress = _lookup(atoms, stress_key, per_atom=False)
+    virial = None if stress is not None else _lookup(atoms, virial_key, per_atom=False)
+    if stress is None and virial is None:
+        return None
+    key = stress_key if stress is not None else virial_key
+    if not pbc.all():
+        raise DataError(
+            f"{where}: has a {'stress' if stress is not None else 'virial'} "
+            f"(`{key}`) but is not periodic in all three directions; a stress needs "
+            'a periodic cell (`pbc="T T T"`)'
+        )
+    if stress is not None:
+        return _as_matrix(stress, where, f"stress `{key}`")
+    volume = abs(float(np.linalg.det(cell)))
+    return -_as_matrix(virial, where, f"virial `{key}`") / volume
+
+
 def _to_structure(
     atoms: ase.Atoms,
     where: str,
@@ -269,6 +336,8 @@ def _to_structure(
     forces_key: str,
     require_energy: bool,
     require_forces: bool,
+    stress_key: str = "stress",
+    virial_key: str = "virial",
 ) -> Structure:
     """Validate one ASE frame and convert it to a :class:`Structure`."""
     if len(atoms) == 0:
@@ -304,4 +373,5 @@ def _to_structure(
         energy=_read_energy(atoms, where, energy_key, require_energy),
         forces=_read_forces(atoms, where, forces_key, require_forces),
         source=source,
+        stress=_read_stress(atoms, where, cell, pbc, stress_key, virial_key),
     )

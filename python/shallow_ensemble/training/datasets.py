@@ -25,6 +25,8 @@ def load_structures(config: Config) -> dict[str, list[Structure]]:
             path,
             energy_key=d.energy_key,
             forces_key=d.forces_key,
+            stress_key=d.stress_key,
+            virial_key=d.virial_key,
             origin=f"`data.{name}` of the configuration",
         )
 

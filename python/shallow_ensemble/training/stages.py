@@ -17,8 +17,9 @@ of its own. It is made of
     ensemble whose mean stays its energy;
   - ``stack``: the models of the previous stages as the members of one ensemble;
 
-- an **objective**, the loss of a batch (weighted by ``training.energy_weight`` and
-  ``training.forces_weight``):
+- an **objective**, the loss of a batch (weighted by ``training.energy_weight``,
+  ``training.forces_weight`` and, on frames with a stress,
+  ``training.stress_weight``):
 
   - ``mse``: MSE of the ensemble mean's per-atom energies and forces;
   - ``energy_nll``: ``training.energy_loss`` (Gaussian NLL or CRPS) of the per-atom
@@ -131,26 +132,27 @@ def loss_term(name: str) -> str:
 
 @dataclass
 class LossParts:
-    """A batch loss as its weighted energy and force terms, and named, detached
-    parts (for logs).
+    """A batch loss as its weighted per-structure terms (energy, and stress where
+    the data have it) and force terms, and named, detached parts (for logs).
 
     Both terms are means (over structures, and over atoms or force components), so
     the loss of a batch split over processes is
-    ``sum_p (share_E[p] * energy[p] + share_F[p] * forces[p])`` with the shares of
-    structures and atoms each process holds (see :py:meth:`weighted`).
+    ``sum_p (share_E[p] * per_structure[p] + share_F[p] * forces[p])`` with the
+    shares of structures and atoms each process holds (see :py:meth:`weighted`).
     """
 
-    energy: torch.Tensor
+    per_structure: torch.Tensor
     forces: torch.Tensor
-    parts: dict[str, float]
+    parts: dict[str, torch.Tensor]
 
     @property
     def total(self) -> torch.Tensor:
-        return self.energy + self.forces
+        return self.per_structure + self.forces
 
     def weighted(self, energy_share: float, forces_share: float) -> torch.Tensor:
-        """This part of a larger batch's loss, given its shares of the batch."""
-        return energy_share * self.energy + forces_share * self.forces
+        """This part of a larger batch's loss, given its shares of the batch
+        (of structures for the per-structure terms, of atoms for the forces)."""
+        return energy_share * self.per_structure + forces_share * self.forces
 
 
 class Objective:
@@ -216,28 +218,68 @@ class Objective:
         objective's)."""
         warmup = self.in_warmup(epoch)
         members = self.stage.objective == "energy_force_nll" and not warmup
+        stress = batch.stress is not None and self.training.stress_weight > 0
         prediction = model.predict(
-            batch, forces="members" if members else "mean", create_graph=True
+            batch,
+            forces="members" if members else "mean",
+            create_graph=True,
+            stress=stress,
         )
         if warmup or self.stage.objective == "mse":
             return self._mse(prediction, batch)
         energy = self._energy_term(prediction, batch)
         if self.stage.objective == "energy_nll":
-            return self._combine(energy, self._forces_mse(prediction, batch))
+            return self._combine(
+                energy,
+                self._forces_mse(prediction, batch),
+                self._stress_term("mse", prediction, batch),
+            )
         name = self.training.forces_loss
         assert prediction.forces is not None, "the loss asked for forces"
         forces = losses.get_force_loss(name)(prediction.forces, batch.forces)
-        return self._combine(energy, (f"forces_{loss_term(name)}", forces))
+        return self._combine(
+            energy,
+            (f"forces_{loss_term(name)}", forces),
+            self._stress_term(name, prediction, batch),
+        )
 
     def _combine(
-        self, energy: tuple[str, torch.Tensor], forces: tuple[str, torch.Tensor]
+        self,
+        energy: tuple[str, torch.Tensor],
+        forces: tuple[str, torch.Tensor],
+        stress: tuple[str, torch.Tensor] | None = None,
     ) -> LossParts:
-        """Weighted sum of a named energy term and a named forces term."""
+        """Weighted sum of named energy, forces (and stress) terms; the stress term
+        is a mean over structures, so it joins the energy term (see
+        :py:meth:`LossParts.weighted`)."""
         t = self.training
-        parts = {name: float(value.detach()) for name, value in (energy, forces)}
-        return LossParts(
-            t.energy_weight * energy[1], t.forces_weight * forces[1], parts
+        terms = [energy, forces] if stress is None else [energy, forces, stress]
+        # detached, on the loss's device: no host synchronisation in a step
+        parts = {name: value.detach() for name, value in terms}
+        per_structure = t.energy_weight * energy[1]
+        if stress is not None:
+            per_structure = per_structure + t.stress_weight * stress[1]
+        return LossParts(per_structure, t.forces_weight * forces[1], parts)
+
+    def _stress_term(
+        self, name: str, prediction: Prediction, batch: Batch
+    ) -> tuple[str, torch.Tensor] | None:
+        """The stress loss ``name`` (``mse`` of the mean, or a forces loss's kind
+        on the members), if the batch has stresses to train on."""
+        if prediction.stress is None:
+            return None
+        assert batch.stress is not None and batch.stress_mask is not None
+        assert batch.cell is not None, "batches from collate have cells"
+        value = losses.stress_loss(
+            name,
+            prediction.stress,
+            batch.stress,
+            batch.stress_mask,
+            batch.cell,
+            batch.n_atoms,
         )
+        term = "mse" if name == "mse" else loss_term(name).removesuffix("_full")
+        return f"stress_{term}", value
 
     def _energy_term(
         self, prediction: Prediction, batch: Batch
@@ -260,7 +302,9 @@ class Objective:
         energy = prediction.energies.mean(dim=1) / batch.n_atoms
         e_loss = losses.mse(energy, batch.energy / batch.n_atoms)
         return self._combine(
-            ("energy_mse", e_loss), self._forces_mse(prediction, batch)
+            ("energy_mse", e_loss),
+            self._forces_mse(prediction, batch),
+            self._stress_term("mse", prediction, batch),
         )
 
 

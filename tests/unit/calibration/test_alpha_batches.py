@@ -40,6 +40,7 @@ class KnownEnsemble(torch.nn.Module):
     """
 
     num_members = 2
+    predicts_stress = False
 
     def __init__(self):
         super().__init__()
@@ -53,7 +54,7 @@ class KnownEnsemble(torch.nn.Module):
     def base_forces(positions):
         return 0.1 * positions
 
-    def predict(self, batch, forces="none", create_graph=False):
+    def predict(self, batch, forces="none", create_graph=False, stress=False):
         sign = torch.tensor([1.0, -1.0], dtype=DTYPE)
         atomic = self.base(batch.numbers, batch.positions)[:, None] + ATOM_SPREAD * sign
         energies = torch.zeros((batch.n_systems, 2), dtype=DTYPE).index_add(
