@@ -179,6 +179,7 @@ def _validate(config: Config) -> None:
             "(N: the index of a GPU, from 0)"
         )
     _check_warmup(config)
+    _check_streaming(config)
     from ..kinds import kind_names
 
     trainable = kind_names(from_scratch=True)
@@ -210,6 +211,26 @@ def _validate(config: Config) -> None:
             f"`model.num_members` is {config.model.num_members} but strategy "
             f"'{t.strategy}' needs at least 2 members"
         )
+
+
+def _check_streaming(config: Config) -> None:
+    """``data.num_workers`` and ``data.cache_dir`` belong to streaming datasets."""
+    d = config.data
+    if d.num_workers < 0:
+        raise ConfigError(
+            f"`data.num_workers` is {d.num_workers} but must be at least 0"
+        )
+    if d.streaming:
+        return
+    for key, value, default in (
+        ("num_workers", d.num_workers, 0),
+        ("cache_dir", d.cache_dir, None),
+    ):
+        if value != default:
+            raise ConfigError(
+                f"`data.{key}` is {value!r} but `data.streaming` is false: it is used "
+                "by streaming datasets only; set `data.streaming: true` or remove it"
+            )
 
 
 def _is_device(device: str) -> bool:

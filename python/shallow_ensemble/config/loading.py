@@ -52,7 +52,15 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> Confi
         if missing:
             raise ConfigError(f"missing required key `{name}.{missing[0]}`")
         if base_dir is not None:
-            for key in ("train", "valid", "test", "init_from", "from_metatomic"):
+            paths = (
+                "train",
+                "valid",
+                "test",
+                "cache_dir",
+                "init_from",
+                "from_metatomic",
+            )
+            for key in paths:
                 if isinstance(kwargs.get(key), str):
                     kwargs[key] = str((base_dir / kwargs[key]).resolve())
         sections[name] = cls(**kwargs)

@@ -76,6 +76,19 @@ class DataConfig:
     times the stress), read as a stress when a frame has no ``stress_key``."""
     split_seed: int = 0
     """Seed of the random split when ``valid`` or ``test`` are fractions."""
+    streaming: bool = False
+    """Stream the structures instead of keeping every neighbour list in memory (about
+    360 KB per 192-atom water frame): a first pass validates the frames (with a
+    progress bar) and writes them into a frame cache, and the neighbour lists are
+    built batch by batch. For datasets larger than memory; it trains the same model
+    as the in-memory mode for the same seed (docs/performance.md)."""
+    num_workers: int = 0
+    """With ``streaming``: worker processes that build the batches (neighbour lists)
+    while the model trains; 0 builds them in the training process."""
+    cache_dir: str | None = None
+    """With ``streaming``: folder of the frame caches, kept and reused while the data
+    files and keys do not change (relative to the configuration file); by default a
+    temporary folder, removed when training ends."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -157,13 +157,13 @@ class GraphDataset:
     ) -> None:
         self.cutoff = float(cutoff)
         self.dtype = dtype
-        self.sources = [structure.source for structure in structures]
+        self.sources: Sequence[str] = [structure.source for structure in structures]
         bar = tqdm(
             structures,
             desc="neighbour lists",
             disable=not progress or len(structures) <= PROGRESS_THRESHOLD,
         )
-        self.graphs: list[Graph] = [
+        self.graphs: Sequence[Graph] = [
             build_graph(structure, self.cutoff, dtype) for structure in bar
         ]
 

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..data import GraphDataset, batch_indices, collate
+from ..data import Batch, GraphDataset, batch_indices, collate
+from ..data.streaming import count_atoms, load_batches
 from ..errors import TrainingError
 from ..kinds import ModelKind
 from .checkpoints import save_checkpoint
@@ -45,8 +46,9 @@ def _validation_loss(
     total, weight = 0.0, 0
     parts: dict[str, float] = {}
     batches = batch_indices(len(dataset), batch_size, shuffle=False)
-    for indices in workers.shard(batches):
-        batch = collate([dataset[i] for i in indices]).to(device=device, dtype=dtype)
+    for loaded in load_batches(dataset, workers.shard(batches)):
+        assert loaded is not None, "a validation batch has structures"
+        batch = loaded.to(device=device, dtype=dtype)
         result = objective.loss(model, batch, epoch)
         total += float(result.total.detach()) * batch.n_systems
         weight += batch.n_systems
@@ -68,6 +70,7 @@ def _train_step(
     epoch: int,
     workers: Workers,
     dtype: torch.dtype,
+    loaded: Batch | None = None,
 ) -> float:
     """Loss and gradients of one global batch (this process's share of it).
 
@@ -77,11 +80,11 @@ def _train_step(
     mine = workers.shard(indices)
     total, finite, parts = torch.zeros(()), True, {}
     if mine:
-        batch = collate([dataset[i] for i in mine]).to(device=device, dtype=dtype)
+        if loaded is None:
+            loaded = collate([dataset[i] for i in mine])
+        batch = loaded.to(device=device, dtype=dtype)
         result = objective.loss(model, batch, epoch)
-        atoms_share = sum(dataset[i].n_atoms for i in mine) / sum(
-            dataset[i].n_atoms for i in indices
-        )
+        atoms_share = count_atoms(dataset, mine) / count_atoms(dataset, indices)
         local = result.weighted(len(mine) / len(indices), atoms_share)
         finite, parts = bool(torch.isfinite(local)), result.parts
         if finite:
@@ -167,10 +170,20 @@ def run_epochs(
         start = time.perf_counter()
         model.train()
         train_loss = 0.0
-        for indices in batch_indices(len(train_set), t.batch_size, True, generator):
+        batches = batch_indices(len(train_set), t.batch_size, True, generator)
+        # this process's share of each batch, built ahead by workers if streaming
+        shares = load_batches(train_set, [workers.shard(b) for b in batches])
+        for indices, loaded in zip(batches, shares, strict=True):
             optimizer.zero_grad(set_to_none=True)
             train_loss += _train_step(
-                model, objective, train_set, indices, epoch, workers, dtype
+                model,
+                objective,
+                train_set,
+                indices,
+                epoch,
+                workers,
+                dtype,
+                loaded=loaded,
             )
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
