@@ -1,7 +1,12 @@
 """Shared fixtures: bundled structures, small models and graphs; and the
 ``SHALLOW_ENSEMBLE_REQUIRE_ENGINES=1`` switch (set by ``.ci/run``), under which an
 engine test that skips (no cmake, compiler, Catch2, LAMMPS, i-PI, metatrain, ...)
-fails instead."""
+fails instead.
+
+CUDA tests are marked with :py:data:`requires_cuda` (marker ``cuda``): they skip
+with :py:data:`NO_CUDA` where torch sees no GPU, and that skip is never an engine
+skip (CI has no GPU, so it must not fail there). ``SHALLOW_ENSEMBLE_REQUIRE_CUDA=1``
+(set by ``benchmarks/device_check.sh`` on a GPU machine) turns it into a failure."""
 
 import os
 import re
@@ -141,6 +146,29 @@ def silicon_frames():
     return ase.io.read(SILICON, ":")
 
 
+# --- CUDA tests ------------------------------------------------------------------
+
+REQUIRE_CUDA = "SHALLOW_ENSEMBLE_REQUIRE_CUDA"
+NO_CUDA = "no CUDA device: torch.cuda.is_available() is False"
+#: a test (or a parameter) that needs a GPU; skips without one, even in CI
+requires_cuda = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA),
+]
+#: the devices a device-parametrised test runs on: the CPU always, CUDA if present
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cuda: needs a CUDA GPU (skips without one, see tests/conftest.py)"
+    )
+
+
+def _cuda_required() -> bool:
+    return os.environ.get(REQUIRE_CUDA, "").strip() not in ("", "0")
+
+
 # --- SHALLOW_ENSEMBLE_REQUIRE_ENGINES=1: engine tests must run, not skip ----------
 
 REQUIRE_ENGINES = "SHALLOW_ENSEMBLE_REQUIRE_ENGINES"
@@ -168,6 +196,8 @@ def _skip_reason(longrepr) -> str:
 
 
 def _is_engine_skip(path, reason: str) -> bool:
+    if reason == NO_CUDA:  # CI has no GPU: never a required engine
+        return False
     try:
         folder = Path(path).resolve().relative_to(TESTS).parts[0]
     except (ValueError, IndexError):
@@ -221,6 +251,10 @@ def pytest_runtest_makereport(item, call):
     """An engine test's skip (in setup, e.g. a session fixture that builds with
     cmake, or in the test) becomes a failure under the switch; xfails stay."""
     report = yield
+    if report.skipped and _cuda_required() and _skip_reason(report.longrepr) == NO_CUDA:
+        report.outcome = "failed"
+        report.longrepr = f"{REQUIRE_CUDA}=1 but this CUDA test skipped ({NO_CUDA})"
+        return report
     if (
         report.skipped
         and not hasattr(report, "wasxfail")

@@ -52,7 +52,7 @@ const char* const USAGE =
     "options:\n"
     "  --extensions DIR       folder with the model's compiled extensions\n"
     "                         (default: 'extensions/' next to MODEL.pt if present)\n"
-    "  --device cpu|cuda      device to run the model on (default: cpu)\n"
+    "  --device cpu|cuda[:N]  device to run the model on (default: cpu)\n"
     "  --dtype float64|float32  must match the model's dtype (default: the model's)\n"
     "  --selected i,j,k       only compute (and sum) the energies of these atoms\n"
     "  --domains N            split the (periodic) structure in N slabs along the\n"
@@ -91,6 +91,17 @@ int64_t parse_integer(const std::string& text, const std::string& option) {
     throw UsageError("expected an integer for " + option + ", got '" + text + "'");
 }
 
+/// Whether `name` is `cpu`, `cuda` or `cuda:N`.
+bool is_device_name(const std::string& name) {
+    if (name == "cpu" || name == "cuda") {
+        return true;
+    }
+    if (name.rfind("cuda:", 0) != 0 || name.size() == 5 || name.size() > 9) {
+        return false;
+    }
+    return std::all_of(name.begin() + 5, name.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
 Arguments parse_arguments(int argc, char** argv) {
     Arguments args;
     std::vector<std::string> positional;
@@ -109,6 +120,9 @@ Arguments parse_arguments(int argc, char** argv) {
             args.extensions = value();
         } else if (arg == "--device") {
             args.device = value();
+            if (!is_device_name(args.device)) {
+                throw UsageError("--device must be cpu, cuda or cuda:N, got '" + args.device + "'");
+            }
         } else if (arg == "--dtype") {
             args.dtype = value();
             if (*args.dtype != "float64" && *args.dtype != "float32") {
@@ -182,7 +196,16 @@ Model load_model(const Arguments& args) {
 
     auto device = torch::Device(args.device);
     if (device.is_cuda() && !torch::cuda::is_available()) {
-        throw std::runtime_error("--device cuda was requested but CUDA is not available to torch");
+        throw std::runtime_error(
+            "--device " + args.device + " was requested but CUDA is not available to torch "
+            "(a CPU build of libtorch, or no visible GPU)"
+        );
+    }
+    if (device.is_cuda() && device.has_index() && device.index() >= static_cast<int>(torch::cuda::device_count())) {
+        throw std::runtime_error(
+            "--device " + args.device + " was requested but torch sees " +
+            std::to_string(torch::cuda::device_count()) + " CUDA device(s)"
+        );
     }
 
     auto module = mta::load_atomistic_model(args.model, extensions);

@@ -11,6 +11,8 @@
 #include <filesystem>
 #include <stdexcept>
 
+#include <mpi.h>
+#include <torch/cuda.h>
 #include <torch/script.h>
 #include <torch/torch.h>
 
@@ -78,15 +80,57 @@ int atomic_number(const std::string& text) {
 }
 
 
+/// The torch device of the `device` keyword: `cpu`, `cuda` (the GPU of this rank's
+/// index among the ranks of its node, modulo the number of visible GPUs) or
+/// `cuda:N`. Throws std::invalid_argument with a message for anything else.
+torch::Device parse_device(const std::string& name, MPI_Comm world) {
+    if (name == "cpu") {
+        return torch::Device(torch::kCPU);
+    }
+    bool is_cuda = name == "cuda";
+    int64_t index = -1;
+    if (!is_cuda && name.rfind("cuda:", 0) == 0 && name.size() > 5 && name.size() < 10) {
+        auto digits = name.substr(5);
+        if (std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+            is_cuda = true;
+            index = std::stoll(digits);
+        }
+    }
+    if (!is_cuda) {
+        throw std::invalid_argument("device '" + name + "' is not one of cpu, cuda or cuda:N");
+    }
+    if (!torch::cuda::is_available()) {
+        throw std::invalid_argument(
+            "device " + name + " was requested but CUDA is not available to torch "
+            "(a CPU build of libtorch, or no visible GPU)"
+        );
+    }
+    auto count = static_cast<int64_t>(torch::cuda::device_count());
+    if (index < 0) {
+        // one GPU per rank of a node, in turn
+        MPI_Comm node;
+        int node_rank = 0;
+        MPI_Comm_split_type(world, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
+        MPI_Comm_rank(node, &node_rank);
+        MPI_Comm_free(&node);
+        index = node_rank % count;
+    } else if (index >= count) {
+        throw std::invalid_argument(
+            "device " + name + " was requested but torch sees " + std::to_string(count) + " CUDA device(s)"
+        );
+    }
+    return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
+}
+
 /// Number of ensemble members: one call on an isolated atom, in the model's units.
 int probe_ensemble_size(mts::Module& module, const mta::ModelCapabilities& capabilities,
-    const std::vector<mta::NeighborListOptions>& neighbor_lists, torch::Dtype dtype) {
-    auto real = torch::TensorOptions().dtype(dtype);
-    auto labels_options = torch::TensorOptions().dtype(torch::kInt32);
+    const std::vector<mta::NeighborListOptions>& neighbor_lists, torch::Dtype dtype, torch::Device device) {
+    auto real = torch::TensorOptions().dtype(dtype).device(device);
+    auto labels_options = torch::TensorOptions().dtype(torch::kInt32).device(device);
     auto types = torch::tensor(std::vector<int32_t>{static_cast<int32_t>(capabilities->atomic_types.at(0))}, labels_options);
     auto system = torch::make_intrusive<mta::SystemHolder>(
         types, torch::zeros({1, 3}, real), torch::zeros({3, 3}, real),
-        torch::zeros({3}, torch::TensorOptions().dtype(torch::kBool))
+        torch::zeros({3}, torch::TensorOptions().dtype(torch::kBool).device(device))
     );
     for (const auto& options: neighbor_lists) {
         auto block = torch::make_intrusive<mts::TensorBlockHolder>(
@@ -125,6 +169,7 @@ struct PairShallowEnsemble::Model {
     mta::ModelCapabilities capabilities;
     std::vector<mta::NeighborListOptions> neighbor_lists;
     torch::Dtype dtype = torch::kFloat64;
+    torch::Device device = torch::Device(torch::kCPU);
     bool has_uncertainty = false;
     int ensemble_size = 0;
     // set in init_style from the LAMMPS units
@@ -172,13 +217,14 @@ void PairShallowEnsemble::allocate() {
 }
 
 // pair_style shallow/ensemble MODEL [extensions DIR] [check_consistency on|off]
-//                                   [uncertainty on|off]
+//                                   [uncertainty on|off] [device cpu|cuda|cuda:N]
 void PairShallowEnsemble::settings(int narg, char** arg) {
     if (narg < 1) {
         utils::missing_cmd_args(FLERR, "pair_style shallow/ensemble", error);
     }
     std::string path = arg[0];
     std::optional<std::string> extensions;
+    std::string device_name = "cpu";
     check_consistency_ = false;  // defaults, also when pair_style is given again
     uncertainty_requested_ = true;
     for (int iarg = 1; iarg < narg; iarg += 2) {
@@ -192,9 +238,17 @@ void PairShallowEnsemble::settings(int narg, char** arg) {
             check_consistency_ = utils::logical(FLERR, arg[iarg + 1], false, lmp) == 1;
         } else if (keyword == "uncertainty") {
             uncertainty_requested_ = utils::logical(FLERR, arg[iarg + 1], false, lmp) == 1;
+        } else if (keyword == "device") {
+            device_name = arg[iarg + 1];
         } else {
             error->all(FLERR, "pair_style shallow/ensemble: unknown keyword '{}'", keyword);
         }
+    }
+    auto device = torch::Device(torch::kCPU);
+    try {
+        device = parse_device(device_name, world);
+    } catch (const std::exception& e) {
+        error->all(FLERR, "pair_style shallow/ensemble: {}", e.what());
     }
     if (!std::filesystem::is_regular_file(path)) {
         error->all(FLERR, "pair_style shallow/ensemble: model file '{}' does not exist", path);
@@ -220,8 +274,15 @@ void PairShallowEnsemble::settings(int narg, char** arg) {
     }
 
     const auto& supported = model->capabilities->supported_devices;
-    if (std::find(supported.begin(), supported.end(), "cpu") == supported.end()) {
-        error->all(FLERR, "pair_style shallow/ensemble: the model does not run on the CPU");
+    const std::string device_type = device.is_cuda() ? "cuda" : "cpu";
+    if (std::find(supported.begin(), supported.end(), device_type) == supported.end()) {
+        error->all(FLERR, "pair_style shallow/ensemble: the model does not support device '{}'", device_type);
+    }
+    model->device = device;
+    try {
+        model->module.to(device);
+    } catch (const c10::Error& e) {
+        error->all(FLERR, "pair_style shallow/ensemble: cannot move the model to {}: {}", device.str(), e.what_without_backtrace());
     }
     auto dtype = model->capabilities->dtype();
     if (dtype == "float64") {
@@ -238,7 +299,9 @@ void PairShallowEnsemble::settings(int narg, char** arg) {
     model->has_uncertainty = outputs.contains("energy_uncertainty") && outputs.contains("energy_ensemble");
     if (model->has_uncertainty) {
         try {
-            model->ensemble_size = probe_ensemble_size(model->module, model->capabilities, model->neighbor_lists, model->dtype);
+            model->ensemble_size = probe_ensemble_size(
+                model->module, model->capabilities, model->neighbor_lists, model->dtype, model->device
+            );
         } catch (const c10::Error& e) {
             error->all(FLERR, "pair_style shallow/ensemble: cannot evaluate the model: {}", e.what_without_backtrace());
         } catch (const std::exception& e) {
@@ -248,8 +311,8 @@ void PairShallowEnsemble::settings(int narg, char** arg) {
     model_ = std::move(model);
 
     if (comm->me == 0) {
-        utils::logmesg(lmp, "pair shallow/ensemble: loaded {} ({}, {} neighbour list(s), {})\n", path, dtype,
-            model_->neighbor_lists.size(),
+        utils::logmesg(lmp, "pair shallow/ensemble: loaded {} ({}, on {}, {} neighbour list(s), {})\n", path, dtype,
+            model_->device.str(), model_->neighbor_lists.size(),
             model_->has_uncertainty ? "with energy_uncertainty and energy_ensemble" : "no uncertainty outputs");
     }
 }
@@ -361,10 +424,14 @@ void PairShallowEnsemble::compute(int eflag, int vflag) {
     try {
         auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
         auto i32 = torch::TensorOptions().dtype(torch::kInt32);
+        // everything the model reads is on its device (built on the CPU, copied
+        // once per step); what LAMMPS reads back is copied to the CPU
+        const auto device = model_->device;
+        auto i32_device = i32.device(device);
 
         // local atoms first, then ghosts, in LAMMPS order (no copy of x: it is
         // contiguous, nall x 3)
-        auto positions = torch::from_blob(x[0], {nall, 3}, f64).to(model_->dtype, /*non_blocking*/ false, /*copy*/ true);
+        auto positions = torch::from_blob(x[0], {nall, 3}, f64).to(device, model_->dtype, /*non_blocking*/ false, /*copy*/ true);
         positions.requires_grad_(true);
         auto types = torch::empty({nall}, i32);
         auto* types_data = types.data_ptr<int32_t>();
@@ -372,18 +439,18 @@ void PairShallowEnsemble::compute(int eflag, int vflag) {
             types_data[i] = type_to_atomic_number_[static_cast<size_t>(type[i])];
         }
         auto system = torch::make_intrusive<mta::SystemHolder>(
-            types, positions, torch::zeros({3, 3}, positions.options().requires_grad(false)),
-            torch::zeros({3}, torch::TensorOptions().dtype(torch::kBool))
+            types.to(device), positions, torch::zeros({3, 3}, positions.options().requires_grad(false)),
+            torch::zeros({3}, torch::TensorOptions().dtype(torch::kBool).device(device))
         );
 
         // neighbour lists for the model from LAMMPS' full list (with ghosts):
         // pairs closer than each requested cutoff, no cell shifts (ghosts are
         // explicit copies of periodic images)
         auto components = torch::make_intrusive<mts::LabelsHolder>(
-            std::vector<std::string>{"xyz"}, torch::tensor({0, 1, 2}, i32).reshape({3, 1})
+            std::vector<std::string>{"xyz"}, torch::tensor({0, 1, 2}, i32_device).reshape({3, 1})
         );
         auto properties = torch::make_intrusive<mts::LabelsHolder>(
-            std::vector<std::string>{"distance"}, torch::zeros({1, 1}, i32)
+            std::vector<std::string>{"distance"}, torch::zeros({1, 1}, i32_device)
         );
         for (const auto& options: model_->neighbor_lists) {
             const double cutoff = options->engine_cutoff(model_->length_unit);
@@ -413,8 +480,8 @@ void PairShallowEnsemble::compute(int eflag, int vflag) {
                 }
             }
             auto n_pairs = static_cast<int64_t>(vectors.size() / 3);
-            auto sample_values = torch::from_blob(samples.data(), {n_pairs, 5}, i32).clone();
-            auto vector_values = torch::from_blob(vectors.data(), {n_pairs, 3, 1}, f64).to(model_->dtype, false, true);
+            auto sample_values = torch::from_blob(samples.data(), {n_pairs, 5}, i32).to(device, torch::kInt32, false, true);
+            auto vector_values = torch::from_blob(vectors.data(), {n_pairs, 3, 1}, f64).to(device, model_->dtype, false, true);
             auto block = torch::make_intrusive<mts::TensorBlockHolder>(
                 vector_values,
                 torch::make_intrusive<mts::LabelsHolder>(
@@ -445,7 +512,7 @@ void PairShallowEnsemble::compute(int eflag, int vflag) {
         selected.index_put_({torch::indexing::Slice(), 1}, torch::arange(nlocal, i32));
         auto evaluation = torch::make_intrusive<mta::ModelEvaluationOptionsHolder>(
             model_->length_unit, requested,
-            torch::make_intrusive<mts::LabelsHolder>(std::vector<std::string>{"system", "atom"}, selected)
+            torch::make_intrusive<mts::LabelsHolder>(std::vector<std::string>{"system", "atom"}, selected.to(device))
         );
         auto systems = c10::List<mta::System>();
         systems.push_back(system);
@@ -457,12 +524,12 @@ void PairShallowEnsemble::compute(int eflag, int vflag) {
         auto atom_column = [](const mts::TensorBlock& block) {
             auto names = block->samples()->names();
             auto column = std::find(names.begin(), names.end(), "atom") - names.begin();
-            return block->samples()->values().index({torch::indexing::Slice(), column}).to(torch::kInt64).contiguous();
+            return block->samples()->values().index({torch::indexing::Slice(), column}).to(torch::kCPU, torch::kInt64).contiguous();
         };
 
         auto energy_block = block_of("energy");
         auto energies = energy_block->values();
-        auto gradient = torch::autograd::grad({energies.sum()}, {positions})[0].to(torch::kFloat64).contiguous();
+        auto gradient = torch::autograd::grad({energies.sum()}, {positions})[0].to(torch::kCPU, torch::kFloat64).contiguous();
 
         const double* g = gradient.data_ptr<double>();
         double virial_local[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
@@ -492,7 +559,7 @@ void PairShallowEnsemble::compute(int eflag, int vflag) {
         }
 
         auto atoms = atom_column(energy_block);
-        auto energy_values = energies.detach().to(torch::kFloat64).reshape({-1}).contiguous();
+        auto energy_values = energies.detach().to(torch::kCPU, torch::kFloat64).reshape({-1}).contiguous();
         const double* e = energy_values.data_ptr<double>();
         const int64_t* a = atoms.data_ptr<int64_t>();
         if (eflag_global) {
@@ -508,7 +575,7 @@ void PairShallowEnsemble::compute(int eflag, int vflag) {
 
         if (with_uncertainty) {
             auto uncertainty_block = block_of("energy_uncertainty");
-            auto uncertainty = uncertainty_block->values().detach().to(torch::kFloat64).reshape({-1}).contiguous();
+            auto uncertainty = uncertainty_block->values().detach().to(torch::kCPU, torch::kFloat64).reshape({-1}).contiguous();
             auto uncertainty_atoms = atom_column(uncertainty_block);
             const double* u = uncertainty.data_ptr<double>();
             const int64_t* ua = uncertainty_atoms.data_ptr<int64_t>();
@@ -517,7 +584,7 @@ void PairShallowEnsemble::compute(int eflag, int vflag) {
             }
 
             auto ensemble_block = block_of("energy_ensemble");
-            auto ensemble = ensemble_block->values().detach().to(torch::kFloat64).contiguous();
+            auto ensemble = ensemble_block->values().detach().to(torch::kCPU, torch::kFloat64).contiguous();
             if (ensemble.size(1) != n_members) {
                 throw std::runtime_error("the model returned " + std::to_string(ensemble.size(1)) +
                     " ensemble members, expected " + std::to_string(n_members));

@@ -18,7 +18,7 @@ import torch
 from metatensor.torch import Labels
 
 from cmake_build import CXX_BUILD, build_target
-from conftest import ETHANOL, SILICON, export_calibrated_model
+from conftest import ETHANOL, SILICON, export_calibrated_model, requires_cuda
 from shallow_ensemble.export.predict import load_exported, run_model
 
 
@@ -253,3 +253,50 @@ def test_bad_arguments(driver, silicon_model):
     )
     assert process.returncode == 1
     assert "exported in float64" in process.stderr
+
+
+@pytest.mark.parametrize(
+    "device, domains",
+    [
+        ("cpu", 0),
+        pytest.param("cuda", 0, marks=requires_cuda),
+        pytest.param("cuda:0", 2, marks=requires_cuda),
+    ],
+)
+def test_device_matches_python_on_cpu(driver, silicon_model, device, domains):
+    """``--device`` (``cpu`` given explicitly, and CUDA where torch sees a GPU):
+    the same numbers as the Python route on the CPU, whole and domain-decomposed
+    (float64; between devices only the summation order differs)."""
+    atoms = ase.io.read(SILICON, 5)
+    extra = ["--domains", domains] if domains else []
+    output = run_driver(
+        driver, silicon_model, SILICON, "--frame", 5, "--device", device, *extra
+    )
+    assert output["device"] == device
+    reference = python_reference(silicon_model, atoms)
+    assert output["atoms"] == reference["atoms"]
+    for key in COMPARED:
+        assert_close(
+            output[key], reference[key], rtol=1e-10 if device == "cpu" else 1e-8
+        )
+
+
+def test_device_errors(driver, silicon_model):
+    """A device that is not cpu, cuda or cuda:N is a usage error; CUDA on a torch
+    without it is an error that says so."""
+    process = run_driver(driver, silicon_model, SILICON, "--device", "gpu", check=False)
+    assert process.returncode == 2
+    assert "--device must be cpu, cuda or cuda:N, got 'gpu'" in process.stderr
+    if not torch.cuda.is_available():
+        process = run_driver(
+            driver, silicon_model, SILICON, "--device", "cuda", check=False
+        )
+        assert process.returncode == 1
+        assert "CUDA is not available" in process.stderr
+    else:
+        count = torch.cuda.device_count()
+        process = run_driver(
+            driver, silicon_model, SILICON, "--device", f"cuda:{count}", check=False
+        )
+        assert process.returncode == 1
+        assert f"torch sees {count} CUDA device(s)" in process.stderr

@@ -572,6 +572,8 @@ print "STOPPED AT $(step)"
         ("lj", "on", "", "Si", "units lj are not supported"),
         ("metal", "on", "", "C", "does not support atomic type 6"),
         ("metal", "on", "uncertainty off", "14", "has no energy_uncertainty"),
+        ("metal", "on", "device gpu", "Si", "device 'gpu' is not one of cpu, cuda"),
+        ("metal", "on", "device cuda:x", "Si", "device 'cuda:x' is not one of cpu"),
     ],
 )
 def test_unsupported_settings_are_errors(
@@ -579,7 +581,8 @@ def test_unsupported_settings_are_errors(
 ):
     """Settings the plugin can not honour stop LAMMPS with a message that says why:
     newton_pair off, unit styles metatomic can not express, an element the model
-    does not know, and the compute without the uncertainty outputs."""
+    does not know, the compute without the uncertainty outputs, and a `device`
+    that is not cpu, cuda or cuda:N."""
     atoms = lammps_oriented(ase.io.read(SILICON, CUBIC))
     write_data(tmp_path / "si.data", atoms, ["Si"])
     script = f"""
@@ -598,3 +601,35 @@ run 0
     assert process.returncode != 0
     assert "ERROR" in process.stdout + process.stderr
     assert message in process.stdout + process.stderr
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_device_keyword(lammps_plugin, silicon_model, tmp_path, device):
+    """`device cpu` gives the ASE/Python values; `device cuda` gives them too
+    (within float64 round-off between devices) where this torch sees a GPU, and
+    otherwise stops LAMMPS with a message that says CUDA is not available."""
+    import torch
+
+    atoms = lammps_oriented(ase.io.read(SILICON, CUBIC))
+    write_data(tmp_path / "si.data", atoms, ["Si"])
+    commands = setup_commands(tmp_path / "si.data", silicon_model)
+    commands = [
+        f"{c} device {device}" if c.startswith("pair_style") else c for c in commands
+    ]
+    if device == "cuda" and not torch.cuda.is_available():
+        script = "\n".join([f"plugin load {lammps_plugin.plugin}", *commands, "run 0"])
+        process = lammps_plugin.executable(script, tmp_path, check=False)
+        output = process.stdout + process.stderr
+        assert process.returncode != 0
+        assert "device cuda was requested but CUDA is not available" in output
+        return
+    result = lammps_plugin.python([*commands, "run 0"], tmp_path, compute="unc")
+    assert f"on {device}" in (tmp_path / "log-1.lammps").read_text()
+    expected = python_reference(silicon_model, atoms)
+    rtol = RTOL if device == "cpu" else 1e-8
+    assert_close(result["pe"], expected["energy"], rtol, what="energy")
+    assert_close(result["forces"], expected["forces"], rtol, what="forces")
+    assert_close(
+        result["atom_uncertainty"], expected["atom_uncertainty"], rtol, what="sigma"
+    )
+    assert_close(result["spread"], expected["spread"], rtol, what="spread")

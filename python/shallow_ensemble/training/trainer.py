@@ -80,9 +80,18 @@ def train(
     t = config.training
     device = torch.device(t.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("`training.device` is 'cuda' but CUDA is not available")
+        raise TrainingError(
+            f"`training.device` is '{t.device}' but CUDA is not available to torch "
+            f"{torch.__version__} (a CPU build, or no GPU visible)"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise TrainingError(
+            f"`training.device` is '{t.device}' but only "
+            f"{torch.cuda.device_count()} CUDA device(s) are visible"
+        )
     stages = preset_stages(config)
     workers = init_workers(device)
+    device = workers.device  # under torchrun with CUDA, the GPU of LOCAL_RANK
     outdir = Path(outdir)
     if workers.is_main:
         prepare_outdir(outdir, resume, overwrite, stage_subfolders(stages))
