@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,26 +41,49 @@ def _validation_loss(
     epoch: int,
     workers: Workers,
 ) -> tuple[float, dict[str, float]]:
-    """Validation loss, weighted by structures; batches shared among processes."""
+    """Validation loss, weighted by structures; batches shared among processes.
+
+    The sums stay on the model's device until the end (one copy to the host per
+    epoch, not one per batch).
+    """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    total, weight = 0.0, 0
-    parts: dict[str, float] = {}
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    weight = 0
+    sums: dict[str, torch.Tensor] = {}
     batches = batch_indices(len(dataset), batch_size, shuffle=False)
     for loaded in load_batches(dataset, workers.shard(batches)):
         assert loaded is not None, "a validation batch has structures"
         batch = loaded.to(device=device, dtype=dtype)
         result = objective.loss(model, batch, epoch)
-        total += float(result.total.detach()) * batch.n_systems
+        total = total + result.total.detach().to(torch.float64) * batch.n_systems
         weight += batch.n_systems
-        for key, value in result.parts.items():
-            parts[key] = parts.get(key, 0.0) + value * batch.n_systems
+        for key, part in result.parts.items():
+            value = torch.as_tensor(part, dtype=torch.float64, device=device)
+            value = value * batch.n_systems
+            sums[key] = sums[key] + value if key in sums else value
+    host = torch.stack([total, *sums.values()]).tolist()  # the one synchronisation
+    total_value, parts = host[0], dict(zip(sums, host[1:], strict=True))
     if workers.distributed:
-        gathered = workers.all_gather((total, weight, parts))
-        total = sum(g[0] for g in gathered)
+        gathered = workers.all_gather((total_value, weight, parts))
+        total_value = sum(g[0] for g in gathered)
         weight = sum(g[1] for g in gathered)
         parts = {k: sum(g[2].get(k, 0.0) for g in gathered) for k in gathered[0][2]}
-    return total / weight, {k: v / weight for k, v in parts.items()}
+    return total_value / weight, {k: v / weight for k, v in parts.items()}
+
+
+@dataclass
+class _Step:
+    """What one optimiser step leaves for the end of the epoch, on the device:
+    nothing here is copied to the host while the epoch runs."""
+
+    #: ``(2,)`` float64, summed over processes: the global batch's loss times its
+    #: number of structures, and the number of processes whose loss was not finite
+    stats: torch.Tensor
+    #: this process's structures and loss parts (to name them if not finite)
+    sources: list[str]
+    parts: dict[str, torch.Tensor]
+    finite: torch.Tensor
 
 
 def _train_step(
@@ -70,15 +94,20 @@ def _train_step(
     epoch: int,
     workers: Workers,
     dtype: torch.dtype,
+    device: torch.device,
     loaded: Batch | None = None,
-) -> float:
+) -> _Step:
     """Loss and gradients of one global batch (this process's share of it).
 
-    :return: the global batch's loss times its number of structures (for the log)
+    No host synchronisation: the batch is moved to ``device`` once, and the loss
+    and its finiteness stay there (:py:func:`_check_epoch` reads them after the
+    epoch). A non-finite loss still back-propagates (the parameters become NaN),
+    and the epoch's check stops the run before its checkpoints are written.
     """
-    device = next(model.parameters()).device
     mine = workers.shard(indices)
-    total, finite, parts = torch.zeros(()), True, {}
+    local_stats = torch.zeros(2, dtype=torch.float64, device=device)
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    parts: dict[str, torch.Tensor] = {}
     if mine:
         if loaded is None:
             loaded = collate([dataset[i] for i in mine])
@@ -86,25 +115,41 @@ def _train_step(
         result = objective.loss(model, batch, epoch)
         atoms_share = count_atoms(dataset, mine) / count_atoms(dataset, indices)
         local = result.weighted(len(mine) / len(indices), atoms_share)
-        finite, parts = bool(torch.isfinite(local)), result.parts
-        if finite:
-            local.backward()
-        total = local.detach().cpu() * len(indices)
+        local.backward()
+        finite, parts = torch.isfinite(local.detach()), result.parts
+        local_stats = torch.stack(
+            [
+                local.detach().to(torch.float64) * len(indices),
+                (~finite).to(torch.float64),
+            ]
+        )
     # one reduction tells every process the summed loss and whether any failed
-    stats = workers.all_reduce(
-        torch.stack([total.to(torch.float64), torch.tensor(float(not finite))])
-    )
-    if float(stats[1]) > 0:
+    stats = workers.all_reduce(local_stats)
+    workers.sum_gradients([p for p in model.parameters() if p.requires_grad])
+    return _Step(stats, [dataset.sources[i] for i in mine], parts, finite)
+
+
+def _check_epoch(steps: list[_Step], epoch: int) -> float:
+    """The epoch's summed training loss (one copy to the host); stops the run at
+    its first non-finite loss, naming this process's structures of that batch.
+
+    :raises TrainingError: if a loss of the epoch was not finite
+    """
+    if not steps:
+        return 0.0
+    stats = torch.stack([step.stats for step in steps]).cpu()
+    failed = torch.nonzero(stats[:, 1] > 0).reshape(-1).tolist()
+    if failed:
+        step = steps[failed[0]]
         where = ""
-        if not finite:
-            sources = [dataset.sources[i] for i in mine]
-            where = f" in the batch of {', '.join(sources)}: {parts}"
+        if not bool(step.finite):
+            parts = {k: float(v) for k, v in step.parts.items()}
+            where = f" in the batch of {', '.join(step.sources)}: {parts}"
         raise TrainingError(
             f"non-finite loss at epoch {epoch + 1}{where}; check these structures, "
             "or lower `training.learning_rate` or raise `training.warmup_epochs`"
         )
-    workers.sum_gradients([p for p in model.parameters() if p.requires_grad])
-    return float(stats[0])
+    return float(stats[:, 0].sum())
 
 
 def _write_log(path: Path, history: list[dict[str, float]]) -> None:
@@ -134,6 +179,7 @@ def run_epochs(
     stage = context.stage
     t = config.training
     dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(stage.seed)
     optimizer = torch.optim.Adam(
         objective.param_groups(model), weight_decay=t.weight_decay
@@ -169,26 +215,30 @@ def run_epochs(
     for epoch in epochs:
         start = time.perf_counter()
         model.train()
-        train_loss = 0.0
+        steps: list[_Step] = []
         batches = batch_indices(len(train_set), t.batch_size, True, generator)
         # this process's share of each batch, built ahead by workers if streaming
         shares = load_batches(train_set, [workers.shard(b) for b in batches])
         for indices, loaded in zip(batches, shares, strict=True):
             optimizer.zero_grad(set_to_none=True)
-            train_loss += _train_step(
-                model,
-                objective,
-                train_set,
-                indices,
-                epoch,
-                workers,
-                dtype,
-                loaded=loaded,
+            steps.append(
+                _train_step(
+                    model,
+                    objective,
+                    train_set,
+                    indices,
+                    epoch,
+                    workers,
+                    dtype,
+                    device,
+                    loaded=loaded,
+                )
             )
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             optimizer.step()
             objective.after_step(model)
+        train_loss = _check_epoch(steps, epoch)  # the epoch's one synchronisation
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch used
         scheduler.step()
         epoch_seconds = time.perf_counter() - start
