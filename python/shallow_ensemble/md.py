@@ -173,7 +173,12 @@ class UncertaintyMonitor:
         reason = self.exceeded(record)
         if reason is None:
             return
-        logger.info("step %d: %s", record.step, reason)
+        logger.log(
+            logging.INFO if self.stop else logging.DEBUG,
+            "step %d: %s",
+            record.step,
+            reason,
+        )
         if self.snapshots is not None:
             self._snapshot(atoms, record)
         if self.stop:
