@@ -119,6 +119,22 @@ def test_threshold_below_the_first_frame_stops_at_once(model_path, tmp_path):
     assert len(ase.io.read(tmp_path / "all.xyz", ":")) == len(above) >= 1
 
 
+def test_atom_energy_threshold_is_the_calculators(model_path):
+    """``max_atom_energy`` is the largest per-atom ``energy_uncertainty`` that the
+    ASE calculator (and i-PI, LAMMPS) compare with ``uncertainty_threshold``."""
+    from metatomic.torch import ModelOutput
+
+    dyn = dynamics(model_path)
+    output = ModelOutput(unit="eV", sample_kind="atom")
+    per_atom = dyn.atoms.calc.run_model(dyn.atoms, {"energy_uncertainty": output})
+    largest = float(per_atom["energy_uncertainty"].block().values.max())
+    monitor = UncertaintyMonitor(dyn, atom_energy_threshold=0.99 * largest)
+    record = run_until_uncertain(dyn, 10, monitor, interval=5)
+    assert record is not None and record.step == 0
+    assert record.max_atom_energy == pytest.approx(largest, rel=1e-10)
+    assert dyn.atoms.info["sigma_atom_energy_max"] == pytest.approx(largest)
+
+
 def test_monitor_errors(model_path):
     dyn = dynamics(model_path)
     with pytest.raises(ShallowEnsembleError, match="`force_threshold` is 0"):

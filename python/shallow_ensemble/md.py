@@ -26,7 +26,9 @@ Thresholds are on calibrated standard deviations: ``force_threshold`` on the
 largest per-atom force uncertainty :math:`\\sqrt{\\sigma_x^2 + \\sigma_y^2 +
 \\sigma_z^2}` (eV/A), ``energy_threshold`` on the energy uncertainty per atom
 (eV/atom), the quantities of ``shallow-ensemble select``
-(:py:func:`~shallow_ensemble.workflows.selection.structure_uncertainties`).
+(:py:func:`~shallow_ensemble.workflows.selection.structure_uncertainties`), and
+``atom_energy_threshold`` on the largest per-atom ``energy_uncertainty`` (eV), the
+quantity of the engines' ``uncertainty_threshold`` (LAMMPS, i-PI, ASE).
 """
 
 import csv
@@ -47,7 +49,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: the columns of the CSV log
-COLUMNS = ["step", "time_fs", "max_force", "mean_force", "energy_per_atom"]
+COLUMNS = [
+    "step",
+    "time_fs",
+    "max_force",
+    "mean_force",
+    "energy_per_atom",
+    "max_atom_energy",
+]
 
 
 class ExtrapolationError(ShallowEnsembleError, RuntimeError):
@@ -70,6 +79,8 @@ class UncertaintyRecord:
     :param max_force: largest per-atom force uncertainty, eV/A
     :param mean_force: mean per-atom force uncertainty, eV/A
     :param energy_per_atom: energy uncertainty per atom, eV/atom
+    :param max_atom_energy: largest per-atom ``energy_uncertainty``, eV (what the
+        engines compare with ``uncertainty_threshold``)
     """
 
     step: int
@@ -77,20 +88,28 @@ class UncertaintyRecord:
     max_force: float
     mean_force: float
     energy_per_atom: float
+    max_atom_energy: float
 
 
 def measure_uncertainty(
     model: "AtomisticModel", atoms: "ase.Atoms"
 ) -> dict[str, float]:
     """Calibrated uncertainties of ``atoms`` with an exported (loaded) model:
-    ``max_force``, ``mean_force`` (eV/A) and ``energy_per_atom`` (eV/atom)."""
-    from .export.predict import predict_frames
+    ``max_force``, ``mean_force`` (eV/A), ``energy_per_atom`` (eV/atom) and
+    ``max_atom_energy``, the largest per-atom ``energy_uncertainty`` output (eV; what
+    ASE's ``MetatomicCalculator``, i-PI and LAMMPS compare with their
+    ``uncertainty_threshold``)."""
+    from .export.predict import predict_frames, run_model
     from .workflows.selection import structure_uncertainties
 
     frame = atoms.copy()
     frame.calc = None
     sigmas = structure_uncertainties(predict_frames(model, [frame], forces=True))
-    return {name: float(values[0]) for name, values in sigmas.items()}
+    result = {name: float(values[0]) for name, values in sigmas.items()}
+    outputs, _ = run_model(model, [frame], {"energy_uncertainty": "atom"})
+    per_atom = outputs["energy_uncertainty"].block().values.detach()
+    result["max_atom_energy"] = float(per_atom.max())
+    return result
 
 
 class UncertaintyMonitor:
@@ -99,7 +118,8 @@ class UncertaintyMonitor:
     Each call (every ``interval`` steps once attached with ``dyn.attach(monitor,
     interval=...)``, step 0 included) measures the current structure
     (:py:func:`measure_uncertainty`), stores the values in ``atoms.info``
-    (``sigma_force_max``, ``sigma_force_mean``, ``sigma_energy_per_atom``) and in
+    (``sigma_force_max``, ``sigma_force_mean``, ``sigma_energy_per_atom``,
+    ``sigma_atom_energy_max``) and in
     :py:attr:`records`, and appends a row to ``log``. A structure above a threshold
     is appended to ``snapshots`` (with the values and ``md_step`` in its info); then,
     with ``stop``, :py:class:`ExtrapolationError` ends the run.
@@ -110,6 +130,8 @@ class UncertaintyMonitor:
         the model of the atoms' ``MetatomicCalculator``
     :param force_threshold: on the largest per-atom force uncertainty, eV/A
     :param energy_threshold: on the energy uncertainty per atom, eV/atom
+    :param atom_energy_threshold: on the largest per-atom ``energy_uncertainty``,
+        eV: the engines' ``uncertainty_threshold``
     :param log: CSV file (columns :py:data:`COLUMNS`), replaced if it exists
     :param snapshots: extended XYZ file for structures above a threshold, replaced
         if it exists
@@ -125,6 +147,7 @@ class UncertaintyMonitor:
         model: "str | os.PathLike[str] | AtomisticModel | None" = None,
         force_threshold: float | None = None,
         energy_threshold: float | None = None,
+        atom_energy_threshold: float | None = None,
         log: "str | os.PathLike[str] | None" = None,
         snapshots: "str | os.PathLike[str] | None" = None,
         stop: bool = True,
@@ -132,6 +155,7 @@ class UncertaintyMonitor:
         for name, value in [
             ("force_threshold", force_threshold),
             ("energy_threshold", energy_threshold),
+            ("atom_energy_threshold", atom_energy_threshold),
         ]:
             if value is not None and not value > 0:
                 raise ShallowEnsembleError(
@@ -141,6 +165,7 @@ class UncertaintyMonitor:
         self.model = _resolve_model(model, dyn.atoms)
         self.force_threshold = force_threshold
         self.energy_threshold = energy_threshold
+        self.atom_energy_threshold = atom_energy_threshold
         self.log = None if log is None else Path(log)
         self.snapshots = None if snapshots is None else Path(snapshots)
         self.stop = stop
@@ -162,11 +187,13 @@ class UncertaintyMonitor:
             max_force=sigmas["max_force"],
             mean_force=sigmas["mean_force"],
             energy_per_atom=sigmas["energy_per_atom"],
+            max_atom_energy=sigmas["max_atom_energy"],
         )
         self.records.append(record)
         atoms.info["sigma_force_max"] = record.max_force
         atoms.info["sigma_force_mean"] = record.mean_force
         atoms.info["sigma_energy_per_atom"] = record.energy_per_atom
+        atoms.info["sigma_atom_energy_max"] = record.max_atom_energy
         if self.log is not None:
             with open(self.log, "a", newline="") as file:
                 csv.writer(file).writerow([getattr(record, name) for name in COLUMNS])
@@ -198,6 +225,14 @@ class UncertaintyMonitor:
             return (
                 f"energy uncertainty {record.energy_per_atom:.4g} eV/atom above the "
                 f"threshold {self.energy_threshold:.4g} eV/atom"
+            )
+        if (
+            self.atom_energy_threshold is not None
+            and record.max_atom_energy > self.atom_energy_threshold
+        ):
+            return (
+                f"largest per-atom energy uncertainty {record.max_atom_energy:.4g} eV "
+                f"above the threshold {self.atom_energy_threshold:.4g} eV"
             )
         return None
 
