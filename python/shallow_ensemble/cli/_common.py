@@ -12,7 +12,12 @@ def format_metrics(report: dict[str, dict[str, float]], title: str = "") -> str:
     header = f"{'':<26}" + "".join(f"{c[:12]:>13}" for c in columns)
     lines = [title] if title else []
     lines.append(header)
-    units = {"energy": "eV", "energy_per_atom": "eV/atom", "forces": "eV/A"}
+    units = {
+        "energy": "eV",
+        "energy_per_atom": "eV/atom",
+        "forces": "eV/A",
+        "stress": "eV/A^3",
+    }
     notes = []
     for name, values in report.items():
         label = f"{name} [{units.get(name, '')}]"

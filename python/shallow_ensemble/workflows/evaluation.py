@@ -180,7 +180,18 @@ def _predict_exported(
         if forces and all(s.forces is not None for s in structures)
         else None
     )
-    return predict_frames(model, frames, forces, energy_ref, forces_ref)
+    stress_mask = torch.tensor([s.stress is not None for s in structures])
+    stress_ref = torch.stack(
+        [
+            torch.zeros((3, 3), dtype=torch.float64)
+            if s.stress is None
+            else torch.tensor(s.stress, dtype=torch.float64)
+            for s in structures
+        ]
+    )
+    return predict_frames(
+        model, frames, forces, energy_ref, forces_ref, stress_ref, stress_mask
+    )
 
 
 def check_finite(
