@@ -22,12 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "model", help="model.ckpt from `train` or model.pt from `export`"
     )
     parser.add_argument("candidates", help="extended XYZ file of candidate structures")
-    parser.add_argument(
-        "-n", type=int, required=True, help="number of structures to select"
-    )
-    parser.add_argument(
-        "-o", "--output", required=True, help="extended XYZ file for the selection"
-    )
+    parser.add_argument("-n", type=int, required=True, help="how many to select")
+    parser.add_argument("-o", "--output", required=True, help="extended XYZ output")
     parser.add_argument(
         "--by",
         choices=list(UNCERTAINTIES),
