@@ -70,7 +70,11 @@ pytest.importorskip("ipi")
 from ipi.utils.units import unit_to_internal, unit_to_user  # noqa: E402
 
 from shallow_ensemble.export import export_model  # noqa: E402
-from shallow_ensemble.export.predict import load_exported, run_model  # noqa: E402
+from shallow_ensemble.export.predict import (  # noqa: E402
+    load_exported,
+    predict_frames,
+    run_model,
+)
 from shallow_ensemble.observables import reweight_observable  # noqa: E402
 from shallow_ensemble.training import train  # noqa: E402
 
@@ -615,6 +619,7 @@ def test_member_forces_through_a_plain_ffsocket(model_folder, model, tmp_path):
             trajectory("pos", "positions", 1),
             trajectory("frc", "forces", 1),
             trajectory("committee_force", "committee_force", 1),
+            trajectory("committee_virial", "committee_virial", 1),
         ]
     )
     run = run_simulation(
@@ -640,6 +645,20 @@ def test_member_forces_through_a_plain_ffsocket(model_folder, model, tmp_path):
         np.testing.assert_allclose(
             values.mean(axis=0), forces[step].get_forces(), atol=1e-6
         )
+    # member virials, -V times the strain derivative of each member energy over V
+    virials = run.extras("committee_virial")
+    for step in (0, 2):
+        atoms = positions[step]
+        stress = predict_frames(
+            model,
+            [ase.Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True)],
+            stress_ref=torch.zeros((1, 3, 3), dtype=torch.float64),
+            stress_mask=torch.tensor([True]),
+        ).stress[:, 0]
+        expected = -stress.numpy() * atoms.get_volume()
+        values = unit_to_user("energy", "electronvolt", virials[step]).reshape(4, 3, 3)
+        assert np.abs(expected).max() > 1e-2
+        np.testing.assert_allclose(values, expected, atol=1e-4)
 
 
 @pytest.mark.xfail(
