@@ -69,6 +69,17 @@ ARGUMENTS = {
         "--threads=1",
     ],
     "train_strategies": [*TRAINING, "--output={output}"],
+    "streaming": [
+        "--data={data}",
+        "--structures=40",
+        "--compare=30",
+        "--epochs=1",
+        "--members=2",
+        "--batch-size=8",
+        "--valid=0.25",
+        "--workers=1",
+        "--threads=1",
+    ],
     "inference_overhead": [
         f"--data={ETHANOL}",
         "--members=2",
@@ -90,6 +101,9 @@ SUMMARY = {
     "inference_overhead": rf"inference_overhead: M=2 N=9 overhead={NUMBER}% "
     rf"\(fastest runs {NUMBER}%\)",
     "scaling": r"scaling: default atoms/s \d+:\d+; tuned atoms/s \d+:\d+",
+    "streaming": rf"streaming: N=40 peak={NUMBER}MiB epoch={NUMBER}s; N=30 "
+    rf"memory={NUMBER}s/{NUMBER}MiB streaming={NUMBER}s/{NUMBER}MiB "
+    rf"ratio={NUMBER} workers=1",
     "train_strategies": "train_strategies: "
     + "; ".join(
         rf"{name} E_rmse={NUMBER} F_rmse={NUMBER} F_rll={NUMBER} s/epoch={NUMBER}"
