@@ -163,8 +163,8 @@ class TrainingConfig:
     """Weight of the stress term, on the frames that have a stress: losses on the
     virial per atom, volume times stress over the number of atoms (eV, the scale of
     the per-atom energy), averaged over all the structures of a batch (the frames
-    without stress count as zero). The probabilistic strategies that train member forces train the
-    member stresses with ``forces_loss``'s kind (logged as ``stress_nll`` or
+    without stress count as zero). The strategies that train member forces train
+    the member stresses with ``forces_loss``'s kind (logged as ``stress_nll`` or
     ``stress_crps``); the others an MSE of the mean (``stress_mse``)."""
     energy_loss: EnergyLossName = "gaussian_nll_ensemble"
     """Probabilistic energy loss: Gaussian NLL or CRPS of the per-atom energies
