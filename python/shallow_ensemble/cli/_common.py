@@ -1,4 +1,7 @@
-"""Helpers shared by the subcommands: printing metric tables."""
+"""Helpers shared by the subcommands: metric tables, the options of the commands
+that run a model."""
+
+import argparse
 
 
 def format_metrics(report: dict[str, dict[str, float]], title: str = "") -> str:
@@ -38,3 +41,17 @@ def format_metrics(report: dict[str, dict[str, float]], title: str = "") -> str:
                 f"{units.get(name, '')}) left out of the uncertainty metrics"
             )
     return "\n".join(lines + notes)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the commands that run a checkpoint or an exported model on
+    structures: ``--batch-size``, ``--extensions`` and ``--debug``."""
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="structures per batch"
+    )
+    parser.add_argument(
+        "--extensions",
+        help="extensions folder of an exported model (default: "
+        "'extensions' next to it)",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -6,7 +6,7 @@ The work is done by :py:func:`shallow_ensemble.workflows.evaluate_model`.
 import argparse
 
 from .. import workflows
-from ._common import format_metrics
+from ._common import add_model_options, format_metrics
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,15 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--energy-key", default="energy", help="energy key in the file")
     parser.add_argument("--forces-key", default="forces", help="forces key in the file")
     parser.add_argument("--no-forces", action="store_true", help="skip forces")
-    parser.add_argument(
-        "--batch-size", type=int, default=8, help="structures per batch"
-    )
-    parser.add_argument(
-        "--extensions",
-        help="extensions folder of an exported model (default: "
-        "'extensions' next to it)",
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_model_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..workflows.selection import UNCERTAINTIES, select_structures
+from ._common import add_model_options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,15 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(uncertainty-weighted farthest-point sampling), so that near-identical "
         "frames are not all picked",
     )
-    parser.add_argument(
-        "--batch-size", type=int, default=8, help="structures per batch"
-    )
-    parser.add_argument(
-        "--extensions",
-        help="extensions folder of an exported model (default: "
-        "'extensions' next to it)",
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_model_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
