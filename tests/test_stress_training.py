@@ -100,6 +100,17 @@ def test_checkpoint_and_export_report_the_same_calibrated_stresses(copper):
     )
 
 
+def test_frames_without_stress_are_left_out_of_the_stress_metrics(copper):
+    folder, results = copper
+    frames = emt_frames(4, 5, with_stress=False) + emt_frames(3, 6)
+    ase.io.write(folder / "mixed.xyz", frames)
+    for path in (results["ensemble"].checkpoint, folder / "model.pt"):
+        # batches of 2: some batches have no stress at all, one has both kinds
+        result = evaluate_model(path, folder / "mixed.xyz", batch_size=2)
+        assert result.report["stress"]["n"] == 3 * 6
+        assert result.report["forces"]["n"] == 7 * 16 * 3
+
+
 def test_the_calculator_stress_is_the_mean_of_the_member_stresses(copper):
     from metatomic_ase import MetatomicCalculator
 

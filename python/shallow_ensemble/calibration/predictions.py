@@ -102,7 +102,8 @@ def predict_dataset(
             mode = "mean"
         with_stress = forces and model.predicts_stress and batch.stress is not None
         prediction = model.predict(batch, forces=mode, stress=with_stress)
-        stresses.append(_batch_stress(prediction.stress, batch))
+        n_members = 1 if prediction.forces is None else prediction.forces.shape[0]
+        stresses.append(_batch_stress(prediction.stress, batch, n_members))
         energies.append(prediction.energies.detach().double().cpu())
         atomic.append(prediction.atomic.detach().double().cpu())
         n_atoms.append(batch.n_atoms.cpu())
@@ -135,16 +136,16 @@ def predict_dataset(
 
 
 def _batch_stress(
-    stress: torch.Tensor | None, batch: "Batch"
+    stress: torch.Tensor | None, batch: "Batch", n_members: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Member stresses, references and mask of a batch (zeros, ``False`` where the
-    batch has no reference stress or the model none), float64 on the CPU."""
+    """Member stresses ``(n_members, n_systems, 3, 3)``, references and mask of a
+    batch (zeros, ``False`` where the batch has no reference stress or the model
+    none), float64 on the CPU."""
     n = batch.n_systems
     if stress is None or batch.stress is None or batch.stress_mask is None:
         zeros = torch.zeros((n, 3, 3), dtype=torch.float64)
-        members = 1 if stress is None else stress.shape[0]
         return (
-            zeros.expand(members, -1, -1, -1),
+            zeros.expand(n_members, -1, -1, -1),
             zeros,
             torch.zeros(n, dtype=torch.bool),
         )
