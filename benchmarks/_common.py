@@ -1,6 +1,8 @@
 """Helpers shared by the training benchmarks (not a test module)."""
 
+import hashlib
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -35,12 +37,16 @@ def get(report: dict, quantity: str, key: str) -> float:
 
 
 def make_config(args, **training):
-    """The benchmark configuration: same data split and model for every strategy."""
+    """The benchmark configuration: same data split and model for every strategy.
+
+    ``args.split_seed`` (if the script has it, default 0) seeds the random
+    train/valid/test split, ``args.seed`` the training."""
     raw = {
         "data": {
             "train": str(Path(args.data).resolve()),
             "valid": args.valid,
             "test": args.test,
+            "split_seed": getattr(args, "split_seed", 0),
         },
         "model": {
             "num_members": args.members,
@@ -53,10 +59,28 @@ def make_config(args, **training):
     return config_from_dict(raw)
 
 
+def _fingerprint(config) -> dict:
+    """The configuration of a stage, with a hash of its data file's content (the
+    path may differ between runs that reuse a stage)."""
+    raw = config.to_dict()
+    train_file = Path(raw["data"]["train"])
+    raw["data"]["train"] = hashlib.sha256(train_file.read_bytes()).hexdigest()
+    if raw["training"].get("init_from"):  # the parent's folder, not its path
+        raw["training"]["init_from"] = Path(raw["training"]["init_from"]).parent.name
+    return json.loads(json.dumps(raw, default=str))
+
+
 def run_stage(config, folder: Path, reuse: bool) -> dict:
-    """Train one stage (or reuse a finished one); returns its metrics.json."""
-    if not (reuse and (folder / "model.ckpt").exists()):
+    """Train one stage (or reuse a finished one); returns its metrics.json.
+
+    A stage is reused only if its folder holds the same configuration
+    (``benchmark-config.json``, written after training)."""
+    stamp = folder / "benchmark-config.json"
+    fingerprint = _fingerprint(config)
+    same = stamp.exists() and json.loads(stamp.read_text()) == fingerprint
+    if not (reuse and same and (folder / "model.ckpt").exists()):
         train(config, folder, overwrite=True, progress=False)  # every strategy
+        stamp.write_text(json.dumps(fingerprint, indent=1))
     with open(folder / "metrics.json") as fd:
         metrics = json.load(fd)
     if "train_seconds" not in metrics:  # written by an older version: ask the ckpt
@@ -73,11 +97,46 @@ def run_stage(config, folder: Path, reuse: bool) -> dict:
     return metrics
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value) of the finite
+    values; NaN, NaN if there are none."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return statistics.fmean(finite), std
+
+
+def finite_or_none(value):
+    """Strict JSON: NaN and infinities become ``None`` (also inside dicts/lists)."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def check_disjoint(sets: dict) -> None:
+    """Fail if a test structure also is in the training or validation set (same
+    atomic numbers and positions)."""
+
+    def key(s):
+        return (s.numbers.tobytes(), s.positions.tobytes())
+
+    fitted = {key(s) for name in ("train", "valid") for s in sets.get(name, [])}
+    shared = sum(key(s) in fitted for s in sets.get("test", []))
+    if shared:
+        raise RuntimeError(f"{shared} test structures are in train or valid")
+
+
 def test_metrics(config, folder: Path) -> dict:
     """Test-set metrics of a stage's model, before and after its recalibration."""
     model = load_model(folder / "model.ckpt")
     sets = load_structures(config)
-    dataset = GraphDataset(sets["test"], model.backbone.cutoff)
+    check_disjoint(sets)
+    dataset = GraphDataset(sets["test"], model.cutoff)
     raw = predict_dataset(model, dataset, config.training.batch_size)
     calibrated = raw.calibrated(float(model.alpha_energy), float(model.alpha_forces))
     return {

@@ -8,6 +8,8 @@ result. ``metatrain_comparison.py`` needs metatrain (a ``test`` extra) and runs
 ``mtt train`` three times.
 """
 
+import json
+import math
 import os
 import re
 import subprocess
@@ -16,7 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ase.io
+import numpy as np
 import pytest
+from ase.calculators.singlepoint import SinglePointCalculator
 
 from conftest import ETHANOL, SILICON
 
@@ -58,7 +62,26 @@ ARGUMENTS = {
         *TRAINING,
         "--finetune-epochs=1",
         "--deep-members=2",
+        "--repeats=2",
         "--output={output}",
+        "--json=protocols.json",
+    ],
+    "out_of_distribution": [
+        f"--data={SILICON}",
+        "--ood={slabs}",
+        "--members=2",
+        "--batch-size=8",
+        "--valid=0.25",
+        "--test=0.25",
+        "--cutoff=3.5",
+        "--max-radial=3",
+        "--max-angular=2",
+        "--epochs=1",
+        "--finetune-epochs=1",
+        "--threads=1",
+        "--check-export",
+        "--output={output}",
+        "--json=ood.json",
     ],
     "member_forces": [f"--data={ETHANOL}", "--members=2", "--repeats=1", "--threads=1"],
     "scaling": [
@@ -91,6 +114,17 @@ ARGUMENTS = {
 
 NUMBER = r"(-?[0-9.]+|nan)"
 
+PROTOCOLS = (
+    "mse",
+    "energy_nll",
+    "energy_force_nll",
+    "laplace",
+    "random_heads",
+    "protocol",
+    "finetune<-energy_nll",
+    "deep_ensemble",
+)
+
 # script -> pattern of its summary line
 SUMMARY = {
     "training_step": rf"training_step: mse=1\.00x/{NUMBER}MiB "
@@ -109,20 +143,16 @@ SUMMARY = {
         rf"{name} E_rmse={NUMBER} F_rmse={NUMBER} F_rll={NUMBER} s/epoch={NUMBER}"
         for name in ("mse", "energy_nll", "energy_force_nll")
     ),
-    "protocols": "protocols: "
+    "protocols": "protocols: repeats=2 "
     + "; ".join(
-        rf"{re.escape(name)} F_RLL={NUMBER} t=\d+s"
-        for name in (
-            "mse",
-            "energy_nll",
-            "energy_force_nll",
-            "laplace",
-            "random_heads",
-            "finetune<-laplace",
-            "finetune<-energy_nll",
-            "deep_ensemble",
-        )
+        rf"{re.escape(name)} F_RLL={NUMBER}±{NUMBER} t=\d+s" for name in PROTOCOLS
     ),
+    "out_of_distribution": "out_of_distribution: "
+    + "; ".join(
+        rf"{name} ratio={NUMBER} alpha_E={NUMBER}"
+        for name in ("laplace", "energy_nll", "energy_force_nll")
+    )
+    + rf"; protocol ratio={NUMBER} alpha_E={NUMBER} \((meets|misses) target\)",
     "metatrain_comparison": rf"metatrain_comparison: PET \d+ s; best calibrated force "
     rf"RLL {NUMBER} \((mtt llpr|mtt llpr \+ ensemble training|ours: laplace|"
     r"ours: laplace \+ finetune \(heads, 1 epochs, lr 0\.001\))\)",
@@ -143,11 +173,15 @@ def _run(name, folder):
     output = folder / name
     output.mkdir()
     arguments = [
-        argument.format(data=folder / "ethanol-60.xyz", output=output / "runs")
+        argument.format(
+            data=folder / "ethanol-60.xyz",
+            slabs=folder / "slabs.xyz",
+            output=output / "runs",
+        )
         for argument in ARGUMENTS[name]
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
+    process = subprocess.run(
         [sys.executable, str(BENCHMARKS / f"{name}.py"), *arguments],
         capture_output=True,
         text=True,
@@ -155,6 +189,23 @@ def _run(name, folder):
         env=env,
         cwd=output,
     )
+    process.folder = output  # where --json files land
+    return process
+
+
+def _slabs(frames):
+    """Bulk frames with 12 Å of vacuum added along the third cell vector (the
+    references are the bulk ones: a smoke run, the numbers mean nothing)."""
+    slabs = []
+    for frame in frames:
+        cell = np.array(frame.cell)
+        cell[2] *= 1 + 12.0 / np.linalg.norm(cell[2])
+        slab = ase.Atoms(frame.numbers, frame.positions, cell=cell, pbc=True)
+        slab.calc = SinglePointCalculator(
+            slab, energy=frame.get_potential_energy(), forces=frame.get_forces()
+        )
+        slabs.append(slab)
+    return slabs
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +214,7 @@ def benchmark_runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("benchmarks")
     # metatrain's batches of 8 need 9 validation and test structures (15% each)
     ase.io.write(folder / "ethanol-60.xyz", ase.io.read(ETHANOL, ":60"))
+    ase.io.write(folder / "slabs.xyz", _slabs(ase.io.read(SILICON, ":6")))
     pool = ThreadPoolExecutor(max_workers=2)
     runs = {name: pool.submit(_run, name, folder) for name in ARGUMENTS}
     yield runs
@@ -178,3 +230,62 @@ def test_benchmark_prints_its_summary(name, benchmark_runs):
     assert len(summaries) == 1, process.stdout
     assert summaries[0] == lines[-1]
     assert re.fullmatch(SUMMARY[name], summaries[0]), summaries[0]
+
+
+def _json(benchmark_runs, name, file):
+    process = benchmark_runs[name].result()
+    assert process.returncode == 0, process.stderr[-5000:]
+    with open(process.folder / file) as fd:
+        return json.load(fd)
+
+
+def test_protocols_statistics_match_the_repeats(benchmark_runs):
+    """Every strategy has finite per-repeat values; mean and std are theirs; the
+    repeats use different seeds and splits of the same size."""
+    data = _json(benchmark_runs, "protocols", "protocols.json")
+    repeats = data["repeats"]
+    assert [(r["seed"], r["split_seed"]) for r in repeats] == [(0, 0), (1, 1)]
+    assert (
+        repeats[0]["sizes"]
+        == repeats[1]["sizes"]
+        == {
+            "train": 30,
+            "valid": 15,
+            "test": 15,
+        }
+    )
+    assert data["strategies"] == list(PROTOCOLS)
+    for name in PROTOCOLS:
+        keys = ["seconds", "E_rmse", "F_rmse", "alpha_E", "alpha_F"]
+        if name != "mse":  # one member: no uncertainty
+            keys += ["E_rll", "F_rll", "test_alpha_F", "E_ma", "F_ma"]
+        for key in keys:
+            values = [r["rows"][name][key] for r in repeats]
+            assert all(v is not None and math.isfinite(v) for v in values), (
+                name,
+                key,
+                values,
+            )
+            stats = data["statistics"][name][key]
+            assert stats["mean"] == pytest.approx(np.mean(values), rel=1e-9, abs=1e-12)
+            assert stats["std"] == pytest.approx(
+                np.std(values, ddof=1), rel=1e-9, abs=1e-12
+            )
+    # the fine-tune builds on the mse and laplace stages: it costs more epochs
+    assert data["statistics"]["protocol"]["epochs"]["mean"] == 2
+
+
+def test_out_of_distribution_reports_every_strategy(benchmark_runs):
+    """Finite sigmas and ratios for every strategy; the ratio is the quotient of
+    the reported medians; the exported model gives the same per-atom sigma."""
+    data = _json(benchmark_runs, "out_of_distribution", "ood.json")
+    assert data["ood_frames"] == 6
+    results = data["results"]
+    assert list(results) == ["laplace", "energy_nll", "energy_force_nll", "protocol"]
+    for r in results.values():
+        for key in ("sigma_bulk_median", "sigma_outer_median", "alpha_E_slabs"):
+            assert r[key] is not None and math.isfinite(r[key]) and r[key] > 0
+        assert r["ratio_outer"] == pytest.approx(
+            r["sigma_outer_median"] / r["sigma_bulk_median"]
+        )
+    assert results["protocol"]["export_max_relative_difference"] < 1e-2
