@@ -166,7 +166,9 @@ def test_evaluate_model_gives_the_cli_report(models, name, tmp_path):
     assert isinstance(result, shallow_ensemble.EvaluationResult)
     assert result.n_structures == 2
     assert result.predictions.num_members == 4
-    assert {"energy", "energy_per_atom", "forces"} == set(result.report)
+    assert {"energy", "energy_per_atom", "forces", "forces_by_element"} == set(
+        result.report
+    )
     written = json.loads(result.write_json(tmp_path / "api.json").read_text())
     assert written == cli_json(model, data, tmp_path / "cli.json")
     assert written["model"] == str(model) and written["n_structures"] == 2

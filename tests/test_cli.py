@@ -72,7 +72,14 @@ def test_train_writes_checkpoint_log_and_metrics(trained):
     assert epochs == [1, 2]  # the override beats `epochs: 5` of the file
     with open(out / "metrics.json") as fd:
         metrics = json.load(fd)
-    assert set(metrics["calibration"]) == {"alpha_energy", "alpha_forces", "alpha_atom"}
+    assert set(metrics["calibration"]) == {
+        "alpha_energy",
+        "alpha_forces",
+        "alpha_atom",
+        "sigma0_energy",
+        "sigma0_atom",
+        "sigma0_forces",
+    }
     # the metrics table: title, header and one row per quantity
     assert "valid calibrated:" in run.out
     header = next(line for line in run.out.splitlines() if "miscalibrati" in line)

@@ -26,9 +26,14 @@ from .errors import ShallowEnsembleError
 
 
 if TYPE_CHECKING:
+    from .calibration.recalibrate import NoiseFloors
     from .config import ModelConfig
     from .data import Batch, GraphDataset
     from .heads import LinearHeads
+
+
+#: size of the per-element tables indexed by atomic number (0 to 118)
+NUM_ELEMENTS = 119
 
 
 class UnknownKindError(ShallowEnsembleError, ValueError):
@@ -76,6 +81,7 @@ def calibrate_members(
     alpha_energy: torch.Tensor,
     alpha_forces: torch.Tensor,
     alpha_atom: torch.Tensor,
+    sigma0_atom: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply the calibration to per-atom member energies ``(n_atoms, M)``.
 
@@ -83,7 +89,8 @@ def calibrate_members(
     ensemble is stretched around its mean by ``alpha_energy`` in value and by
     ``alpha_forces`` in gradient, so that summed member energies and autograd member
     forces are both calibrated; the per-atom uncertainty is the per-atom member spread
-    times ``alpha_atom`` (per-atom spreads do not add up; the per-atom ensemble does).
+    times ``alpha_atom`` with the per-atom noise floor ``sigma0_atom`` added in
+    quadrature (per-atom spreads do not add up; the per-atom ensemble does).
     TorchScript: the exported models call it too.
     """
     mean = atomic.mean(dim=-1, keepdim=True)
@@ -95,7 +102,7 @@ def calibrate_members(
         std = atomic.std(dim=-1)
     else:
         std = torch.zeros_like(atomic[:, 0])
-    return ensemble, alpha_atom * std
+    return ensemble, torch.sqrt((alpha_atom * std) ** 2 + sigma0_atom**2)
 
 
 def sum_per_system(atomic: torch.Tensor, batch: "Batch") -> torch.Tensor:
@@ -112,7 +119,9 @@ class ModelKind(torch.nn.Module):
     (:py:attr:`head`, a :py:class:`~shallow_ensemble.heads.LinearHeads`: training,
     the last-layer Laplace approximation, random heads, stacking and pinning the mean
     act on it), the calibration factors (buffers ``alpha_energy``, ``alpha_forces``,
-    ``alpha_atom``, 1 until calibrated), :py:attr:`atomic_types` and
+    ``alpha_atom``, 1 until calibrated) and noise floors (buffers ``sigma0_energy``,
+    eV/atom, ``sigma0_atom``, eV, and ``sigma0_forces``, eV/Å indexed by atomic
+    number; 0 until calibrated), :py:attr:`atomic_types` and
     :py:attr:`cutoff` (the interaction range, angstrom). A kind implements:
 
     - ``kind`` (class attribute): its registered name;
@@ -145,6 +154,9 @@ class ModelKind(torch.nn.Module):
     alpha_energy: torch.Tensor
     alpha_forces: torch.Tensor
     alpha_atom: torch.Tensor
+    sigma0_energy: torch.Tensor
+    sigma0_atom: torch.Tensor
+    sigma0_forces: torch.Tensor
 
     #: whether :py:meth:`predict` computes stresses (``stress=True``)
     predicts_stress: bool = False
@@ -154,6 +166,9 @@ class ModelKind(torch.nn.Module):
         self.register_buffer("alpha_energy", torch.ones(()))
         self.register_buffer("alpha_forces", torch.ones(()))
         self.register_buffer("alpha_atom", torch.ones(()))
+        self.register_buffer("sigma0_energy", torch.zeros(()))
+        self.register_buffer("sigma0_atom", torch.zeros(()))
+        self.register_buffer("sigma0_forces", torch.zeros(NUM_ELEMENTS))
 
     @property
     def num_members(self) -> int:
@@ -164,7 +179,37 @@ class ModelKind(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:py:func:`calibrate_members` with this model's calibration factors."""
         return calibrate_members(
-            atomic, self.alpha_energy, self.alpha_forces, self.alpha_atom
+            atomic,
+            self.alpha_energy,
+            self.alpha_forces,
+            self.alpha_atom,
+            self.sigma0_atom,
+        )
+
+    def set_calibration(self, calibration: dict[str, Any]) -> None:
+        """Set the calibration factors and noise floors from a dictionary of
+        :py:func:`~shallow_ensemble.calibration.predictions.fit_calibration` (floors
+        missing from it are zero)."""
+        from .calibration.predictions import noise_floors
+
+        floors = noise_floors(calibration)
+        for name in ("alpha_energy", "alpha_forces", "alpha_atom"):
+            getattr(self, name).fill_(float(calibration[name]))
+        self.sigma0_energy.fill_(floors.energy)
+        self.sigma0_atom.fill_(floors.atom)
+        self.sigma0_forces.zero_()
+        for number, value in floors.forces.items():
+            self.sigma0_forces[number] = value
+
+    def noise_floors(self) -> "NoiseFloors":
+        """This model's noise floors."""
+        from .calibration.recalibrate import NoiseFloors
+
+        forces = self.sigma0_forces.detach().cpu()
+        return NoiseFloors(
+            energy=float(self.sigma0_energy),
+            atom=float(self.sigma0_atom),
+            forces={int(z): float(forces[z]) for z in torch.nonzero(forces).flatten()},
         )
 
     # ------------------------------------------------------ what a kind implements --

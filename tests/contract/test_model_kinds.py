@@ -40,6 +40,8 @@ from shallow_ensemble.training.initialization import stack_models
 
 TYPES = [1, 6, 8]
 ALPHAS = {"alpha_energy": 1.3, "alpha_forces": 0.7, "alpha_atom": 2.1}
+#: noise floors: energy per atom (eV/atom), per-atom uncertainty (eV), forces
+FLOORS = {"sigma0_energy": 0.002, "sigma0_atom": 0.03, "sigma0_forces": {"H": 0.04}}
 FEATURES = "mtt::aux::energy_last_layer_features"
 
 
@@ -93,8 +95,7 @@ def model(request, tmp_path_factory) -> ModelKind:
     model = BUILDERS[request.param](tmp_path_factory.mktemp(request.param))
     assert model.kind == request.param
     with torch.no_grad():
-        for key, value in ALPHAS.items():
-            getattr(model, key).fill_(value)
+        model.set_calibration({**ALPHAS, **FLOORS})
     return model.eval()
 
 
@@ -324,14 +325,25 @@ def test_export_round_trip(model, ethanol_frames, periodic_box, tmp_path):
     torch.testing.assert_close(
         got["energy_ensemble/system"], mean + alpha_energy * (energies - mean)
     )
+    # the energy floor is per atom: N sigma0_energy in quadrature
+    floor = batch.n_atoms.to(energies.dtype) * FLOORS["sigma0_energy"]
     torch.testing.assert_close(
-        got["energy_uncertainty/system"][:, 0], alpha_energy * energies.std(dim=1)
+        got["energy_uncertainty/system"][:, 0],
+        torch.sqrt((alpha_energy * energies.std(dim=1)) ** 2 + floor**2),
     )
     ensemble, atom_std = calibrate_members(
         prediction.atomic.detach(),
         model.alpha_energy,
         model.alpha_forces,
         model.alpha_atom,
+        model.sigma0_atom,
+    )
+    torch.testing.assert_close(
+        atom_std,
+        torch.sqrt(
+            (ALPHAS["alpha_atom"] * prediction.atomic.detach().std(dim=1)) ** 2
+            + FLOORS["sigma0_atom"] ** 2
+        ),
     )
     torch.testing.assert_close(got["energy_ensemble/atom"], ensemble)
     torch.testing.assert_close(got["energy_uncertainty/atom"][:, 0], atom_std)

@@ -20,9 +20,16 @@ from shallow_ensemble.training import train
 INITIAL = [-0.7277127200656548, -3.71536303410726, -1.018203285384741]
 TRAINED_MEMBERS = [-4209.479453320747, -4209.56483279677, -4209.711663814935]
 TRAINED_CALIBRATION = {
-    "alpha_energy": 2.0383529841149852,
-    "alpha_forces": 24.7989065926976,
+    "alpha_energy": 2.0383529841149857,
+    "alpha_forces": 5.180696725846229,
     "alpha_atom": 4.4351448752786355,
+    "sigma0_energy": 0.0,
+    "sigma0_atom": 0.0,
+    "sigma0_forces": {
+        "H": 0.5522183668176945,
+        "C": 1.4730458147187948,
+        "O": 0.9452014723963141,
+    },
 }
 
 
@@ -78,7 +85,12 @@ def test_outputs_after_training(tmp_path):
         atol=1e-8,
     )
     for key, value in TRAINED_CALIBRATION.items():
-        assert abs(calibration[key] - value) < 1e-6 * abs(value)
+        if isinstance(value, dict):  # the force floors by element
+            assert calibration[key].keys() == value.keys()
+            for element, floor in value.items():
+                assert abs(calibration[key][element] - floor) < 1e-6 * floor, element
+        else:
+            assert abs(calibration[key] - value) <= 1e-6 * abs(value), key
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Ensemble predictions over a dataset, calibration fitting and evaluation."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -10,7 +10,7 @@ from ..errors import CalibrationError
 from ..kinds import ModelKind
 from ..losses import voigt
 from .metrics import mae, rmse, summary
-from .recalibrate import fit_alpha, stretch_members
+from .recalibrate import NoiseFloors, fit_alpha, select_noise_floor, stretch_members
 
 
 if TYPE_CHECKING:
@@ -31,6 +31,9 @@ class EnsemblePredictions:
     :param stress_ref: reference stresses ``(n_structures, 3, 3)`` (zeros where
         ``stress_mask`` is ``False``) or ``None``
     :param stress_mask: which structures have a reference stress, ``(n_structures,)``
+    :param numbers: atomic number of each atom ``(n_atoms_total,)`` or ``None``
+    :param floors: the noise floors added to the ensemble spreads (none until
+        :py:meth:`calibrated` sets them)
     """
 
     energies: torch.Tensor
@@ -43,33 +46,62 @@ class EnsemblePredictions:
     stress: torch.Tensor | None = None
     stress_ref: torch.Tensor | None = None
     stress_mask: torch.Tensor | None = None
+    numbers: torch.Tensor | None = None
+    floors: NoiseFloors = field(default_factory=NoiseFloors)
 
     @property
     def num_members(self) -> int:
         return self.energies.shape[1]
 
     def calibrated(
-        self, alpha_energy: float, alpha_forces: float
+        self,
+        alpha_energy: float,
+        alpha_forces: float,
+        floors: NoiseFloors | None = None,
     ) -> "EnsemblePredictions":
         """Members stretched around their mean by the calibration factors (member
         stresses, gradients like the forces, by ``alpha_forces``, as in the
-        exported model)."""
-        return EnsemblePredictions(
+        exported model), with the noise ``floors`` (none by default) added to the
+        spreads that :py:meth:`energy_mean_std` and :py:meth:`forces_mean_std`
+        report."""
+        return replace(
+            self,
             energies=stretch_members(self.energies, alpha_energy, dim=1),
-            energy_ref=self.energy_ref,
-            n_atoms=self.n_atoms,
             atomic=stretch_members(self.atomic, alpha_energy, dim=1),
             forces=None
             if self.forces is None
             else stretch_members(self.forces, alpha_forces, dim=0),
-            forces_ref=self.forces_ref,
-            system_index=self.system_index,
             stress=None
             if self.stress is None
             else stretch_members(self.stress, alpha_forces, dim=0),
-            stress_ref=self.stress_ref,
-            stress_mask=self.stress_mask,
+            floors=NoiseFloors() if floors is None else floors,
         )
+
+    def energy_mean_std(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Structure energies: ensemble mean, uncertainty (the member spread with
+        the energy floor, :math:`\\sqrt{\\sigma^2 + (N \\sigma_0)^2}`) and the
+        member spread alone, each ``(n_structures,)``, eV."""
+        mean, std = mean_std(self.energies, 1)
+        floor = self.n_atoms.to(torch.float64) * self.floors.energy
+        return mean, torch.sqrt(std**2 + floor**2), std
+
+    def forces_mean_std(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Force components: ensemble mean, uncertainty (member spread with the
+        element's force floor) and member spread alone, each ``(n_atoms, 3)``,
+        eV/Å."""
+        assert self.forces is not None, "these predictions have no forces"
+        mean, std = mean_std(self.forces, 0)
+        if not self.floors.forces:
+            return mean, std, std
+        floor = self.floors.force_floor(self._numbers()).unsqueeze(-1)
+        return mean, torch.sqrt(std**2 + floor**2), std
+
+    def _numbers(self) -> torch.Tensor:
+        if self.numbers is None:
+            raise CalibrationError(
+                "per-element force calibration needs the atomic numbers of the atoms"
+            )
+        return self.numbers
 
 
 def predict_dataset(
@@ -93,6 +125,7 @@ def predict_dataset(
         [],
         [],
     )
+    numbers = []
     stresses: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     offset = 0
     for batch in iterate_batches(dataset, batch_size, shuffle=False):
@@ -108,6 +141,7 @@ def predict_dataset(
         atomic.append(prediction.atomic.detach().double().cpu())
         n_atoms.append(batch.n_atoms.cpu())
         system_index.append(batch.system_index.cpu() + offset)
+        numbers.append(batch.numbers.cpu())
         offset += batch.n_systems
         if batch.energy is not None:
             refs.append(batch.energy.double().cpu())
@@ -132,6 +166,7 @@ def predict_dataset(
         stress=torch.cat([s for s, _, _ in stresses], dim=1) if has_stress else None,
         stress_ref=torch.cat([r for _, r, _ in stresses]) if has_stress else None,
         stress_mask=stress_mask if has_stress else None,
+        numbers=torch.cat(numbers),
     )
 
 
@@ -228,22 +263,51 @@ def _collapsed(
     )
 
 
-def fit_calibration(predictions: EnsemblePredictions) -> dict[str, float]:
-    r"""NLL-optimal global factors for energies, forces and per-atom energies.
+NOISE_FLOOR_FOLDS = 5
+"""Cross-validation folds of the validation structures (structure ``i`` in fold ``i
+% 5``) that decide whether a noise floor is kept (:py:func:`fit_calibration`)."""
+
+
+def fit_calibration(
+    predictions: EnsemblePredictions, noise_floor: bool = False
+) -> dict[str, Any]:
+    r"""NLL-optimal global factors for energies, forces and per-atom energies, and
+    optionally noise floors (:py:func:`~shallow_ensemble.calibration.recalibrate.
+    fit_noise_floor`).
 
     ``alpha_atom`` assumes independent per-atom errors: it scales the per-atom member
     spreads so that their sum in quadrature matches the structure energy errors,
     :math:`\alpha_{atom}^2 = \langle \Delta E^2 / \sum_i \sigma_i^2 \rangle`.
 
-    Components without ensemble spread (:py:func:`zero_spread`) are left out of the
-    fits; a one-member model gets factors of 1.
+    Without ``noise_floor``, components without ensemble spread
+    (:py:func:`zero_spread`) are left out of the fits. With it, every factor is fitted
+    jointly with a floor: the energy per atom (``sigma0_energy``, eV/atom), the
+    per-atom energy uncertainty (``sigma0_atom``, eV; a structure's variance is
+    :math:`\alpha_{atom}^2 \sum_i \sigma_i^2 + N \sigma_{0,atom}^2`) and the force
+    components of each element (``sigma0_forces``, eV/Å by element symbol); the
+    components without spread then count, through the floor. Each floor is kept only
+    if it lowers the NLL of held-out structures (:py:func:`~shallow_ensemble.
+    calibration.recalibrate.select_noise_floor`, :py:data:`NOISE_FLOOR_FOLDS` folds
+    of the validation structures). A one-member model gets factors of 1 and no
+    floors.
 
+    :return: ``alpha_energy``, ``alpha_forces``, ``alpha_atom`` (dimensionless),
+        ``sigma0_energy``, ``sigma0_atom`` and ``sigma0_forces`` (zeros and an empty
+        dictionary without ``noise_floor``)
     :raises CalibrationError: without reference energies, with non-finite
         predictions, or if the members of an ensemble all predict the same energies
         (or forces): the ensemble has collapsed
     """
+    fit: dict[str, Any] = {
+        "alpha_energy": 1.0,
+        "alpha_forces": 1.0,
+        "alpha_atom": 1.0,
+        "sigma0_energy": 0.0,
+        "sigma0_atom": 0.0,
+        "sigma0_forces": {},
+    }
     if predictions.num_members < 2:
-        return {"alpha_energy": 1.0, "alpha_forces": 1.0, "alpha_atom": 1.0}
+        return fit
     if predictions.energy_ref is None:
         raise CalibrationError(
             "calibration needs reference energies: give the validation structures "
@@ -262,73 +326,171 @@ def fit_calibration(predictions: EnsemblePredictions) -> dict[str, float]:
     if bool(zero.all()):
         raise _collapsed("energy", predictions.num_members, std, "eV")
     keep = ~zero
-    alphas = {
-        "alpha_energy": fit_alpha(predictions.energy_ref[keep], mean[keep], std[keep])
-    }
+    reference = predictions.energy_ref
+    n_atoms = predictions.n_atoms.to(torch.float64)
+    folds = torch.arange(len(mean)) % NOISE_FLOOR_FOLDS
+    if noise_floor:
+        std_fit = torch.where(zero, torch.zeros_like(std), std)
+        alpha, (floor,) = select_noise_floor(
+            reference, mean, std_fit, folds, weight=n_atoms
+        )
+        fit["alpha_energy"], fit["sigma0_energy"] = alpha, floor
+    else:
+        fit["alpha_energy"] = fit_alpha(reference[keep], mean[keep], std[keep])
     if predictions.forces is not None and predictions.forces_ref is not None:
         f_mean, f_std = mean_std(predictions.forces, 0)
         f_zero, _ = zero_spread(f_mean, f_std)
         if bool(f_zero.all()):
             raise _collapsed("force", predictions.num_members, f_std, "eV/Å")
-        f_keep = ~f_zero
-        alphas["alpha_forces"] = fit_alpha(
-            predictions.forces_ref[f_keep], f_mean[f_keep], f_std[f_keep]
-        )
+        if noise_floor:
+            fit["alpha_forces"], fit["sigma0_forces"] = _fit_force_floors(
+                predictions,
+                f_mean,
+                torch.where(f_zero, torch.zeros_like(f_std), f_std),
+                folds[predictions.system_index],
+            )
+        else:
+            f_keep = ~f_zero
+            fit["alpha_forces"] = fit_alpha(
+                predictions.forces_ref[f_keep], f_mean[f_keep], f_std[f_keep]
+            )
     else:
-        alphas["alpha_forces"] = alphas["alpha_energy"]
+        fit["alpha_forces"] = fit["alpha_energy"]
     _, atom_std = mean_std(predictions.atomic, 1)
     summed_var = torch.zeros_like(mean).index_add(
         0, predictions.system_index, atom_std**2
     )
+    if noise_floor:
+        summed_std = torch.where(zero, torch.zeros_like(std), summed_var.sqrt())
+        alpha, (floor,) = select_noise_floor(
+            reference, mean, summed_std, folds, weight=n_atoms.sqrt()
+        )
+        fit["alpha_atom"], fit["sigma0_atom"] = alpha, floor
+        return fit
     # a structure with an energy spread has atoms with a spread: summed_var > 0
     keep = keep & (summed_var > 0)
-    err2 = (predictions.energy_ref - mean)[keep] ** 2
-    alphas["alpha_atom"] = float(torch.sqrt((err2 / summed_var[keep]).mean()))
-    return alphas
+    err2 = (reference - mean)[keep] ** 2
+    fit["alpha_atom"] = float(torch.sqrt((err2 / summed_var[keep]).mean()))
+    return fit
+
+
+def _fit_force_floors(
+    predictions: EnsemblePredictions,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    folds: torch.Tensor,
+) -> tuple[float, dict[str, float]]:
+    """``alpha_forces`` and one force floor per element (by symbol); ``folds``: the
+    cross-validation fold of each atom."""
+    from ase.data import chemical_symbols
+
+    assert predictions.forces_ref is not None, "checked by the caller"
+    numbers = predictions._numbers()
+    elements = sorted({int(z) for z in numbers})
+    group = torch.tensor([elements.index(int(z)) for z in numbers], dtype=torch.long)
+    alpha, floors = select_noise_floor(
+        predictions.forces_ref,
+        mean,
+        std,
+        folds.unsqueeze(-1).expand(-1, 3),
+        groups=group.unsqueeze(-1).expand(-1, 3),
+        n_groups=len(elements),
+    )
+    symbols = [chemical_symbols[z] for z in elements]
+    return alpha, dict(zip(symbols, floors, strict=True))
+
+
+def noise_floors(calibration: dict[str, Any]) -> NoiseFloors:
+    """The :py:class:`NoiseFloors` of a calibration dictionary
+    (:py:func:`fit_calibration`; older ones without floors give none)."""
+    from ase.data import atomic_numbers
+
+    return NoiseFloors(
+        energy=float(calibration.get("sigma0_energy", 0.0)),
+        atom=float(calibration.get("sigma0_atom", 0.0)),
+        forces={
+            atomic_numbers[symbol]: float(value)
+            for symbol, value in calibration.get("sigma0_forces", {}).items()
+        },
+    )
 
 
 def _report(
-    y_true: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, num_members: int
+    y_true: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    num_members: int,
+    spread: torch.Tensor | None = None,
 ) -> dict[str, float]:
+    """Metrics of one quantity; ``std`` is the uncertainty (with any noise floor),
+    ``spread`` the member spread alone (default: ``std``), which decides the
+    components without spread."""
     report = {"rmse": rmse(y_true, mean), "mae": mae(y_true, mean), "n": y_true.numel()}
     if num_members < 2:
         # a deterministic model has no uncertainty to judge
         return report
-    zero, threshold = zero_spread(mean, std)
-    keep = ~zero
+    zero, threshold = zero_spread(mean, std if spread is None else spread)
+    # a noise floor gives the components without spread an uncertainty
+    keep = std > threshold
     if bool(keep.any()):
         scores = summary(y_true[keep], mean[keep], std[keep])
         report = {**scores, **report}  # RMSE, MAE and n of all the components
     report["n_zero_spread"] = int(zero.sum())
     report["zero_spread_threshold"] = threshold
+    report["n_scored"] = int(keep.sum())
     return report
 
 
 def evaluate_predictions(
     predictions: EnsemblePredictions,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, Any]:
     """Accuracy and calibration metrics (energies per structure, force components,
-    and the six stress components of the structures with a reference stress, eV/Å³).
+    force components by element, and the six stress components of the structures
+    with a reference stress, eV/Å³).
 
-    RMSE, MAE and ``n`` use every component. For an ensemble, components without
-    spread (:py:func:`zero_spread`) are left out of the probabilistic metrics (NLL,
-    CRPS, RLL, miscalibration area, alpha, z statistics); ``n_zero_spread`` counts
-    them and ``zero_spread_threshold`` is the threshold used (in the quantity's
-    units). If every component has zero spread (a collapsed ensemble) only RMSE and
-    MAE are reported; a one-member model reports RMSE, MAE and ``n`` only.
+    RMSE, MAE and ``n`` use every component. The uncertainties include the noise
+    floors of ``predictions.floors``. For an ensemble, components without spread
+    (:py:func:`zero_spread`; ``n_zero_spread`` counts them and
+    ``zero_spread_threshold`` is the threshold used, in the quantity's units) are left
+    out of the probabilistic metrics (NLL, CRPS, RLL, miscalibration area, alpha, z
+    statistics) unless a noise floor gives them an uncertainty (``n_scored`` counts
+    the components in those metrics). If no component has
+    an uncertainty (a collapsed ensemble) only RMSE and MAE are reported; a
+    one-member model reports RMSE, MAE and ``n`` only. ``forces_by_element`` maps
+    element symbols to the same metrics for the force components of that element's
+    atoms.
     """
-    report = {}
+    report: dict[str, Any] = {}
     members = predictions.num_members
     if predictions.energy_ref is not None:
-        mean, std = mean_std(predictions.energies, 1)
+        mean, std, spread = predictions.energy_mean_std()
         n_atoms = predictions.n_atoms
-        report["energy"] = _report(predictions.energy_ref, mean, std, members)
+        report["energy"] = _report(predictions.energy_ref, mean, std, members, spread)
         report["energy_per_atom"] = _report(
-            predictions.energy_ref / n_atoms, mean / n_atoms, std / n_atoms, members
+            predictions.energy_ref / n_atoms,
+            mean / n_atoms,
+            std / n_atoms,
+            members,
+            spread / n_atoms,
         )
     if predictions.forces is not None and predictions.forces_ref is not None:
-        mean, std = mean_std(predictions.forces, 0)
-        report["forces"] = _report(predictions.forces_ref, mean, std, members)
+        mean, std, spread = predictions.forces_mean_std()
+        reference = predictions.forces_ref
+        report["forces"] = _report(reference, mean, std, members, spread)
+        if predictions.numbers is not None:
+            from ase.data import chemical_symbols
+
+            numbers = predictions.numbers
+            report["forces_by_element"] = {
+                chemical_symbols[z]: _report(
+                    reference[numbers == z],
+                    mean[numbers == z],
+                    std[numbers == z],
+                    members,
+                    spread[numbers == z],
+                )
+                for z in sorted({int(z) for z in numbers})
+            }
     if predictions.stress is not None and predictions.stress_ref is not None:
         mask = predictions.stress_mask
         assert mask is not None, "a reference stress comes with its mask"

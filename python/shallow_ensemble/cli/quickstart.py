@@ -9,7 +9,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from .. import workflows
-from ._common import format_metrics
+from ._common import format_calibration, format_metrics
 
 
 if TYPE_CHECKING:
@@ -58,10 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
 def print_training(result: "TrainResult") -> None:
     print(f"trained {len(result.history)} epochs in {result.train_seconds:.1f} s")
-    print(
-        "calibration: "
-        + ", ".join(f"{k} = {v:.3f}" for k, v in result.calibration.items())
-    )
+    print(f"calibration: {format_calibration(result.calibration)}")
     for name in ("valid_uncalibrated", "valid_calibrated", "test"):
         if name in result.metrics:
             print(

@@ -8,7 +8,7 @@ import argparse
 
 from .. import workflows
 from ..config import load_config
-from ._common import format_metrics
+from ._common import format_calibration, format_metrics
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -45,8 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if not workflows.is_main_process():
         return 0  # under torchrun, rank 0 reports
     print(f"trained in {result.train_seconds:.1f} s, {len(result.history)} epochs")
-    calibration = ", ".join(f"{k} = {v:.3f}" for k, v in result.calibration.items())
-    print(f"calibration on validation: {calibration}")
+    print(f"calibration on validation: {format_calibration(result.calibration)}")
     for name, report in result.metrics.items():
         print(format_metrics(report, title=f"\n{name.replace('_', ' ')}:"))
     print(f"\nwrote {result.checkpoint}")

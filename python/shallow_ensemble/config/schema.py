@@ -231,6 +231,13 @@ class CalibrationConfig:
 
     enabled: bool = True
     """Fit the calibration factors (alpha) on the validation set after training."""
+    noise_floor: bool = True
+    """Fit a noise floor with each factor, sigma^2 = alpha^2 sigma_ens^2 + sigma_0^2
+    (per atom for energies, per element for force components), by the validation NLL:
+    components the members all predict alike (atoms on high-symmetry sites, atoms
+    without neighbours) get an uncertainty, and the factor no longer has to serve both
+    them and the rest. ``false``: the factor alone, fitted on the components with a
+    spread."""
 
 
 @dataclass(frozen=True, kw_only=True)

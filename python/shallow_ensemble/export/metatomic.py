@@ -59,12 +59,22 @@ class ExportedEnsemble(torch.nn.Module):
     alpha_energy: torch.Tensor
     alpha_forces: torch.Tensor
     alpha_atom: torch.Tensor
+    sigma0_energy: torch.Tensor
+    sigma0_atom: torch.Tensor
+    sigma0_forces: torch.Tensor
 
     def __init__(self, model: ModelKind) -> None:
         super().__init__()
         self.model = model.exported_module()
         self.num_members = model.num_members
-        for name in ("alpha_energy", "alpha_forces", "alpha_atom"):
+        for name in (
+            "alpha_energy",
+            "alpha_forces",
+            "alpha_atom",
+            "sigma0_energy",
+            "sigma0_atom",
+            "sigma0_forces",
+        ):
             self.register_buffer(name, getattr(model, name).detach().clone())
 
     def forward(
@@ -86,7 +96,11 @@ class ExportedEnsemble(torch.nn.Module):
 
         atomic, features, sys_idx, atom_idx = self.atomic_outputs(systems)
         ensemble, atom_std = calibrate_members(
-            atomic, self.alpha_energy, self.alpha_forces, self.alpha_atom
+            atomic,
+            self.alpha_energy,
+            self.alpha_forces,
+            self.alpha_atom,
+            self.sigma0_atom,
         )
         mean = atomic.mean(dim=1)
 
@@ -124,11 +138,16 @@ class ExportedEnsemble(torch.nn.Module):
                         dtype=ensemble.dtype,
                         device=device,
                     ).index_add(0, sys_idx, ensemble)
-                    values = (
+                    spread = (
                         summed.std(dim=1, keepdim=True)
                         if summed.shape[1] > 1
                         else (torch.zeros_like(summed[:, :1]))
                     )
+                    # the energy noise floor is per atom (of those selected)
+                    n_atoms = torch.zeros(
+                        (n_systems, 1), dtype=ensemble.dtype, device=device
+                    ).index_add(0, sys_idx, torch.ones_like(ensemble[:, :1]))
+                    values = torch.sqrt(spread**2 + (n_atoms * self.sigma0_energy) ** 2)
                 else:
                     values = torch.zeros(
                         (n_systems, values.shape[1]), dtype=values.dtype, device=device
@@ -236,13 +255,35 @@ def to_atomistic_model(
         description=description
         or (
             f"shallow ensemble of {model.num_members} heads on {model.describe()}, "
-            "calibrated on validation data; outputs energy, energy_uncertainty and "
-            "energy_ensemble"
+            f"calibrated on validation data ({_calibration_text(model)}); outputs "
+            "energy, energy_uncertainty and energy_ensemble"
         ),
         authors=["shallow-ensemble"],
         references=REFERENCES,
     )
     return AtomisticModel(module, metadata, capabilities(model, dtype))
+
+
+def _calibration_text(model: ModelKind) -> str:
+    """The calibration factors and noise floors, for the model's description."""
+    from ase.data import chemical_symbols
+
+    floors = model.noise_floors()
+    text = (
+        f"alpha_energy {float(model.alpha_energy):.4g}, alpha_forces "
+        f"{float(model.alpha_forces):.4g}, alpha_atom {float(model.alpha_atom):.4g}"
+    )
+    if floors.energy > 0 or floors.atom > 0 or floors.forces:
+        forces = ", ".join(
+            f"{chemical_symbols[z]} {value:.3g}"
+            for z, value in sorted(floors.forces.items())
+        )
+        text += (
+            f"; noise floors: energy {floors.energy:.3g} eV/atom, per-atom energy "
+            f"{floors.atom:.3g} eV, forces {forces or 'none'} eV/Å (the force floors "
+            "are not in the member forces)"
+        )
+    return text
 
 
 def export_model(

@@ -17,6 +17,7 @@ from metatomic.torch import (
 from vesin.metatomic import neighbor_lists_for_model
 
 from ..calibration.predictions import EnsemblePredictions
+from ..calibration.recalibrate import NoiseFloors
 
 
 def load_exported(
@@ -107,7 +108,8 @@ def predict_frames(
     stress_ref: torch.Tensor | None = None,
     stress_mask: torch.Tensor | None = None,
 ) -> EnsemblePredictions:
-    """Calibrated member energies and member forces from an exported model.
+    """Calibrated member energies and member forces from an exported model, with
+    the model's noise floors (:py:func:`exported_floors`).
 
     Member forces are gradients of each member energy (one backward pass per member:
     this is the engines' route, slower than the batched one used in training).
@@ -159,4 +161,22 @@ def predict_frames(
         stress=torch.stack(member_stress, dim=1) if has_stress else None,
         stress_ref=stress_ref if has_stress else None,
         stress_mask=stress_mask if has_stress else None,
+        numbers=torch.cat(
+            [torch.as_tensor(f.numbers, dtype=torch.long) for f in frames]
+        ),
+        floors=exported_floors(model),
+    )
+
+
+def exported_floors(model: AtomisticModel) -> NoiseFloors:
+    """The noise floors stored in an exported model (none for models exported
+    before noise floors existed)."""
+    module = model.module
+    if not hasattr(module, "sigma0_forces"):
+        return NoiseFloors()
+    forces = module.sigma0_forces.detach().cpu()
+    return NoiseFloors(
+        energy=float(module.sigma0_energy),
+        atom=float(module.sigma0_atom),
+        forces={int(z): float(forces[z]) for z in torch.nonzero(forces).flatten()},
     )

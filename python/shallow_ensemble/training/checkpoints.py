@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import ShallowEnsembleError
-from ..kinds import ModelKind, get_kind
+from ..kinds import NUM_ELEMENTS, ModelKind, get_kind
 from .rundir import atomic_write
 
 
@@ -23,7 +23,7 @@ class CheckpointError(ShallowEnsembleError, ValueError):
 
 
 FORMAT = "shallow-ensemble-checkpoint"
-VERSION = 2
+VERSION = 3
 
 
 def model_hypers(model: ModelKind) -> dict[str, Any]:
@@ -104,9 +104,30 @@ def _upgrade_1_to_2(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _upgrade_2_to_3(payload: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 adds the noise floors (buffers ``sigma0_energy``, ``sigma0_atom``
+    and ``sigma0_forces`` beside ``alpha_energy``), zero in older models; the
+    calibration dictionary gets the same keys."""
+    state = dict(payload["state_dict"])
+    zero = torch.zeros_like(state["alpha_energy"])
+    state["sigma0_energy"] = zero
+    state["sigma0_atom"] = zero.clone()
+    state["sigma0_forces"] = zero.new_zeros(NUM_ELEMENTS)
+    upgraded = {**payload, "version": 3, "state_dict": state}
+    if isinstance(payload.get("calibration"), dict):
+        upgraded["calibration"] = {
+            "sigma0_energy": 0.0,
+            "sigma0_atom": 0.0,
+            "sigma0_forces": {},
+            **payload["calibration"],
+        }
+    return upgraded
+
+
 #: ``UPGRADES[v]`` turns a version-``v`` checkpoint into a version ``v + 1`` one
 UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     1: _upgrade_1_to_2,
+    2: _upgrade_2_to_3,
 }
 
 

@@ -9,8 +9,10 @@ from typing import Any
 import torch
 
 from ..calibration.predictions import (
+    EnsemblePredictions,
     evaluate_predictions,
     fit_calibration,
+    noise_floors,
     predict_dataset,
 )
 from ..config import Config
@@ -34,7 +36,7 @@ class TrainResult:
     model: ModelKind
     checkpoint: Path
     history: list[dict[str, float]]
-    calibration: dict[str, float]
+    calibration: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
     train_seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
@@ -82,19 +84,18 @@ def finalize(
     batch_size = config.training.batch_size
     predictions = predict_dataset(model, datasets["valid"], batch_size)
     metrics = {"valid_uncalibrated": evaluate_predictions(predictions)}
-    calibration = {"alpha_energy": 1.0, "alpha_forces": 1.0, "alpha_atom": 1.0}
+    calibration = _uncalibrated()
     if calibrate and config.calibration.enabled:
-        calibration = fit_calibration(predictions)
-        for key, value in calibration.items():
-            getattr(model, key).fill_(value)
-        calibrated = predictions.calibrated(
-            calibration["alpha_energy"], calibration["alpha_forces"]
+        calibration = fit_calibration(
+            predictions, noise_floor=config.calibration.noise_floor
         )
-        metrics["valid_calibrated"] = evaluate_predictions(calibrated)
+        model.set_calibration(calibration)
+        metrics["valid_calibrated"] = evaluate_predictions(
+            _apply(predictions, calibration)
+        )
     if "test" in datasets:
         test = predict_dataset(model, datasets["test"], batch_size)
-        test = test.calibrated(calibration["alpha_energy"], calibration["alpha_forces"])
-        metrics["test"] = evaluate_predictions(test)
+        metrics["test"] = evaluate_predictions(_apply(test, calibration))
     info = dict(info or {})
     best_epoch = best_state["epoch"] + 1 if best_state["epoch"] >= 0 else None
     payload = {
@@ -112,6 +113,29 @@ def finalize(
     path = outdir / "model.ckpt"
     save_checkpoint(path, model, payload)
     return TrainResult(model, path, history, calibration, metrics, elapsed, info)
+
+
+def _uncalibrated() -> dict[str, Any]:
+    """The calibration of a model that is not calibrated."""
+    return {
+        "alpha_energy": 1.0,
+        "alpha_forces": 1.0,
+        "alpha_atom": 1.0,
+        "sigma0_energy": 0.0,
+        "sigma0_atom": 0.0,
+        "sigma0_forces": {},
+    }
+
+
+def _apply(
+    predictions: EnsemblePredictions, calibration: dict[str, Any]
+) -> EnsemblePredictions:
+    """``predictions`` calibrated as the model of ``calibration``."""
+    return predictions.calibrated(
+        calibration["alpha_energy"],
+        calibration["alpha_forces"],
+        noise_floors(calibration),
+    )
 
 
 def run_summary(payload: dict[str, Any]) -> dict[str, Any]:

@@ -144,7 +144,9 @@ def predict_structures(
     check_atomic_types(structures, model.atomic_types)
     dataset = GraphDataset(list(structures), model.cutoff)
     raw = predict_dataset(model, dataset, batch_size, forces=forces)
-    return raw.calibrated(float(model.alpha_energy), float(model.alpha_forces))
+    return raw.calibrated(
+        float(model.alpha_energy), float(model.alpha_forces), model.noise_floors()
+    )
 
 
 def _predict_exported(

@@ -7,6 +7,7 @@ predictions whatever the batch size, and the factors of the formulas evaluated o
 structure at a time.
 """
 
+import dataclasses
 import math
 
 import ase.io
@@ -15,6 +16,7 @@ import torch
 
 from conftest import ETHANOL, SILICON, make_model, tiny_config
 from shallow_ensemble.calibration.predictions import fit_calibration, predict_dataset
+from shallow_ensemble.config import CalibrationConfig
 from shallow_ensemble.data import Graph, GraphDataset, collate, read_structures
 from shallow_ensemble.model import Prediction
 from shallow_ensemble.training import train
@@ -207,7 +209,12 @@ def test_training_calibrates_with_validation_over_several_batches(tmp_path):
     config = tiny_config(
         tmp_path, strategy="energy_force_nll", epochs=2, warmup_epochs=1, batch_size=3
     )
+    # the factors alone: with noise floors they are fitted jointly (test_noise_floor)
+    config = dataclasses.replace(
+        config, calibration=CalibrationConfig(noise_floor=False)
+    )
     result = train(config, tmp_path / "run", progress=False)
+    assert result.calibration["sigma0_forces"] == {}
     valid = GraphDataset(read_structures(tmp_path / "valid.xyz"), 3.5)
     expected = alphas_structure_by_structure(result.model, valid)
     for key, value in expected.items():

@@ -226,6 +226,9 @@ def test_one_member_model_keeps_factors_of_one():
         "alpha_energy": 1.0,
         "alpha_forces": 1.0,
         "alpha_atom": 1.0,
+        "sigma0_energy": 0.0,
+        "sigma0_atom": 0.0,
+        "sigma0_forces": {},
     }
     report = evaluate_predictions(predictions)
     for values in report.values():

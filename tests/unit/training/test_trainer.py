@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from conftest import ETHANOL, tiny_config, write_ethanol_split
+from shallow_ensemble.calibration.predictions import noise_floors
+from shallow_ensemble.calibration.recalibrate import NoiseFloors
 from shallow_ensemble.export import to_atomistic_model
 from shallow_ensemble.export.predict import run_model
 from shallow_ensemble.training import TrainingError, load_model, train
@@ -37,11 +39,15 @@ def test_each_strategy_trains_calibrates_and_exports(small_data, tmp_path, strat
     model = load_model(result.checkpoint)
     expected_members = 1 if strategy == "mse" else 4
     assert model.num_members == expected_members
-    for key, value in result.calibration.items():
+    alphas = {k: v for k, v in result.calibration.items() if k.startswith("alpha")}
+    assert len(alphas) == 3
+    for key, value in alphas.items():
         assert math.isfinite(value) and value > 0
         assert float(getattr(model, key)) == pytest.approx(value)
+    assert model.noise_floors() == noise_floors(result.calibration)
     if strategy == "mse":
-        assert set(result.calibration.values()) == {1.0}
+        assert set(alphas.values()) == {1.0}
+        assert model.noise_floors() == NoiseFloors()
     else:
         assert result.calibration["alpha_energy"] != 1.0
 
@@ -162,7 +168,7 @@ def test_best_epoch_is_chosen_after_the_warm_up(small_data, tmp_path):
     assert metrics["best_epoch"] == expected
     selected = result.model.state_dict()
     for key, value in snapshots[expected].items():
-        if not key.startswith("alpha_"):  # calibration sets these afterwards
+        if not key.startswith(("alpha_", "sigma0_")):  # calibration sets these
             torch.testing.assert_close(selected[key], value, rtol=0, atol=0)
 
 

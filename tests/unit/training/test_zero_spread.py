@@ -1,6 +1,7 @@
 """Training with components that have no ensemble spread: an atom without neighbours
 in the validation set, and a collapsed ensemble."""
 
+import dataclasses
 import json
 import math
 
@@ -17,6 +18,7 @@ from shallow_ensemble.calibration.predictions import (
     fit_calibration,
     predict_dataset,
 )
+from shallow_ensemble.config import CalibrationConfig
 from shallow_ensemble.data import GraphDataset, read_structures
 from shallow_ensemble.errors import CalibrationError
 from shallow_ensemble.training import load_model, train
@@ -37,8 +39,12 @@ def data(tmp_path_factory):
     return folder
 
 
-def test_training_with_a_lone_atom_in_validation(data, tmp_path):
+@pytest.mark.parametrize("noise_floor", [False, True])
+def test_training_with_a_lone_atom_in_validation(data, tmp_path, noise_floor):
     config = tiny_config(data, strategy="energy_force_nll")
+    config = dataclasses.replace(
+        config, calibration=CalibrationConfig(noise_floor=noise_floor)
+    )
     result = train(config, tmp_path, progress=False)
     assert (tmp_path / "model.ckpt").is_file()
     with open(tmp_path / "metrics.json") as fd:
@@ -51,21 +57,36 @@ def test_training_with_a_lone_atom_in_validation(data, tmp_path):
         assert forces["n_zero_spread"] == 3, name
         assert forces["zero_spread_threshold"] > 0
         assert metrics[name]["energy"]["n_zero_spread"] == 0
-    alphas = metrics["calibration"]
+    calibration = metrics["calibration"]
+    alphas = {k: v for k, v in calibration.items() if k.startswith("alpha")}
     assert all(math.isfinite(v) and v > 0 for v in alphas.values())
-    # the fitted factor is the alpha of the components with a spread
     uncalibrated = metrics["valid_uncalibrated"]
-    assert alphas["alpha_forces"] == pytest.approx(
-        uncalibrated["forces"]["alpha"], rel=1e-12
-    )
-    assert alphas["alpha_energy"] == pytest.approx(
-        uncalibrated["energy"]["alpha"], rel=1e-12
-    )
-    assert metrics["valid_calibrated"]["forces"]["alpha"] == pytest.approx(
-        1.0, rel=1e-9
-    )
+    calibrated = metrics["valid_calibrated"]
     model = load_model(result.checkpoint)
     assert float(model.alpha_forces) == pytest.approx(alphas["alpha_forces"])
+    if not noise_floor:
+        # the fitted factor is the alpha of the components with a spread
+        assert alphas["alpha_forces"] == pytest.approx(
+            uncalibrated["forces"]["alpha"], rel=1e-12
+        )
+        assert alphas["alpha_energy"] == pytest.approx(
+            uncalibrated["energy"]["alpha"], rel=1e-12
+        )
+        assert calibrated["forces"]["alpha"] == pytest.approx(1.0, rel=1e-9)
+        assert calibration["sigma0_forces"] == {}
+        return
+    # the joint NLL optimum has <z^2> = 1 over the components it was fitted on
+    assert calibrated["energy"]["alpha"] == pytest.approx(1.0, rel=1e-6)
+    floors = calibration["sigma0_forces"]
+    assert set(floors) <= {"H", "C", "O"}
+    assert all(math.isfinite(v) and v >= 0 for v in floors.values())
+    # the lone atom's components (no spread, no error) are left out of the fit, in
+    # the metrics they count with z = 0 if the H floor gives them an uncertainty
+    n_counted = n_forces - (0 if floors.get("H", 0.0) > 0 else 3)
+    assert calibrated["forces"]["alpha"] == pytest.approx(
+        math.sqrt((n_counted - 3 * (floors.get("H", 0.0) > 0)) / n_counted), rel=1e-6
+    )
+    assert float(model.sigma0_forces[1]) == pytest.approx(floors.get("H", 0.0))
 
 
 def test_identical_heads_cannot_be_calibrated(data):
@@ -88,9 +109,12 @@ def test_one_member_model_is_not_a_collapsed_ensemble(data):
     dataset = GraphDataset(structures, model.backbone.cutoff)
     predictions = predict_dataset(model, dataset, batch_size=4)
     assert torch.all(predictions.forces[:, -1] == 0)  # the lone atom
-    assert fit_calibration(predictions) == {
+    assert fit_calibration(predictions, noise_floor=True) == {
         "alpha_energy": 1.0,
         "alpha_forces": 1.0,
         "alpha_atom": 1.0,
+        "sigma0_energy": 0.0,
+        "sigma0_atom": 0.0,
+        "sigma0_forces": {},
     }
     assert set(evaluate_predictions(predictions)["forces"]) == {"rmse", "mae", "n"}

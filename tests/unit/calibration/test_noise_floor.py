@@ -1,0 +1,315 @@
+"""Noise-floor calibration, sigma^2 = alpha^2 sigma_ens^2 + (w sigma_0)^2: closed
+forms of the fit, its NLL optimality, predictions calibrated by construction, and the
+floors carried by checkpoints and exported models."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import make_model
+from shallow_ensemble.calibration.predictions import (
+    EnsemblePredictions,
+    evaluate_predictions,
+    fit_calibration,
+    predict_dataset,
+)
+from shallow_ensemble.calibration.recalibrate import (
+    NoiseFloors,
+    fit_alpha,
+    fit_noise_floor,
+    floored_std,
+    select_noise_floor,
+)
+from shallow_ensemble.data import GraphDataset, read_structures
+from shallow_ensemble.errors import CalibrationError
+from shallow_ensemble.export import export_model
+from shallow_ensemble.export.predict import load_exported, predict_frames, run_model
+from shallow_ensemble.training import load_model
+from shallow_ensemble.training.checkpoints import (
+    read_checkpoint,
+    save_checkpoint,
+    upgrade_checkpoint,
+)
+
+
+DTYPE = torch.float64
+
+
+def _random(n, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, dtype=DTYPE, generator=generator)
+
+
+def _nll(y, mean, std):
+    return float(torch.mean(0.5 * torch.log(std**2) + (y - mean) ** 2 / (2 * std**2)))
+
+
+def test_errors_proportional_to_the_spread_need_no_floor():
+    # e_i^2 = c sigma_i^2 for every i: v_i = e_i^2 is each term's own optimum
+    std = torch.linspace(0.1, 2.0, 50, dtype=DTYPE)
+    errors = 1.7 * std * torch.sign(_random(50))
+    alpha, floors = fit_noise_floor(errors, torch.zeros(50, dtype=DTYPE), std)
+    assert floors == [0.0]
+    assert alpha == pytest.approx(1.7, rel=1e-12)
+    assert alpha == pytest.approx(fit_alpha(errors, torch.zeros(50, dtype=DTYPE), std))
+
+
+def test_a_group_without_spread_gets_the_rms_of_its_errors():
+    std = torch.cat([torch.linspace(0.1, 2.0, 40, dtype=DTYPE), torch.zeros(30)])
+    errors = torch.cat([0.8 * std[:40] * torch.sign(_random(40)), 0.05 * _random(30)])
+    weight = torch.cat([torch.ones(40), torch.linspace(1.0, 4.0, 30)])
+    groups = torch.cat([torch.zeros(40), torch.ones(30)]).long()
+    alpha, floors = fit_noise_floor(
+        errors, torch.zeros(70, dtype=DTYPE), std, weight, groups, n_groups=3
+    )
+    assert alpha == pytest.approx(0.8, rel=1e-10)
+    # closed form sigma_0^2 = <e^2 / w^2> over the group; no floor elsewhere
+    expected = math.sqrt(float(torch.mean((errors[40:] / weight[40:]) ** 2)))
+    assert floors[1] == pytest.approx(expected, rel=1e-8)
+    assert floors[0] == 0.0
+    assert floors[2] == 0.0  # a group without components
+
+
+def test_the_fit_is_the_nll_minimum():
+    std = torch.exp(_random(400, seed=1))
+    y = torch.sqrt((1.3 * std) ** 2 + 0.7**2) * _random(400, seed=2)
+    mean = torch.zeros(400, dtype=DTYPE)
+    alpha, (floor,) = fit_noise_floor(y, mean, std)
+    best = _nll(y, mean, floored_std(std, alpha, floor))
+    # no point of a fine grid around the fit, and not the factor alone, does better
+    assert best <= _nll(y, mean, fit_alpha(y, mean, std) * std)
+    for a in torch.linspace(0.8 * alpha, 1.2 * alpha, 41):
+        for s in torch.linspace(0.8 * floor, 1.2 * floor, 41):
+            assert best <= _nll(y, mean, floored_std(std, float(a), float(s))) + 1e-12
+    # and its stationarity: <z^2> = 1 at an interior optimum
+    z = y / floored_std(std, alpha, floor)
+    assert float(torch.mean(z**2)) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_known_scale_and_floor_are_recovered():
+    n = 200_000
+    std = 0.1 * torch.exp(1.5 * _random(n, seed=3))
+    weight = torch.randint(1, 50, (n,), generator=torch.Generator().manual_seed(4))
+    y = torch.sqrt((2.0 * std) ** 2 + (weight * 0.01) ** 2) * _random(n, seed=5)
+    alpha, (floor,) = fit_noise_floor(
+        y, torch.zeros(n, dtype=DTYPE), std, weight=weight.double()
+    )
+    # statistical error of a 200k-sample fit: well under 1 %
+    assert alpha == pytest.approx(2.0, rel=0.01)
+    assert floor == pytest.approx(0.01, rel=0.02)
+
+
+def test_fit_noise_floor_rejects_inputs_without_any_spread():
+    with pytest.raises(CalibrationError, match="no component has an ensemble spread"):
+        fit_noise_floor(_random(5), torch.zeros(5, dtype=DTYPE), torch.zeros(5))
+    with pytest.raises(CalibrationError, match="same number of elements"):
+        fit_noise_floor(_random(5), torch.zeros(4, dtype=DTYPE), torch.ones(5))
+
+
+def test_held_out_data_decide_whether_a_floor_is_kept():
+    n = 2000
+    folds = torch.arange(n) % 5
+    mean = torch.zeros(n, dtype=DTYPE)
+    std = torch.exp(_random(n, seed=6))
+    # errors with a floor: kept, and fitted on all the data
+    y = torch.sqrt((1.2 * std) ** 2 + 0.8**2) * _random(n, seed=7)
+    assert select_noise_floor(y, mean, std, folds) == fit_noise_floor(y, mean, std)
+    # errors proportional to the spread: the factor alone
+    y = 1.2 * std * _random(n, seed=8)
+    alpha, floors = select_noise_floor(y, mean, std, folds)
+    assert floors == [0.0]
+    assert alpha == pytest.approx(fit_alpha(y, mean, std), rel=1e-12)
+    # components with an error but no spread need the floor, even without folds
+    std[:10] = 0.0
+    alpha, floors = select_noise_floor(y, mean, std, torch.zeros(n, dtype=torch.long))
+    assert floors[0] > 0
+    with pytest.raises(CalibrationError, match="one entry per component"):
+        select_noise_floor(y, mean, std, folds[:5])
+
+
+def test_a_floor_never_replaces_the_ensemble_spread():
+    # errors unrelated to the spread: the NLL puts everything into the floor and
+    # alpha -> 0; the ensemble's spread is kept, at its own factor
+    n = 500
+    folds = torch.arange(n) % 5
+    mean = torch.zeros(n, dtype=DTYPE)
+    std = torch.exp(2.0 * _random(n, seed=9))
+    y = _random(n, seed=10)
+    alpha_in_sample, _ = fit_noise_floor(y, mean, std)
+    assert alpha_in_sample < 1e-2 * fit_alpha(y, mean, std)
+    assert select_noise_floor(y, mean, std, folds) == (fit_alpha(y, mean, std), [0.0])
+    # with components that need a floor (no spread, an error): the floor is fitted
+    # at the factor alone, for their group only
+    std[:50] = 0.0
+    groups = (torch.arange(n) < 50).long()
+    alpha, floors = select_noise_floor(y, mean, std, folds, groups=groups, n_groups=2)
+    assert alpha == pytest.approx(fit_alpha(y[50:], mean[50:], std[50:]), rel=1e-12)
+    assert floors[0] == 0.0
+    assert floors[1] == pytest.approx(float(y[:50].pow(2).mean().sqrt()), rel=1e-8)
+
+
+def _t(values):
+    return torch.tensor(values, dtype=DTYPE)
+
+
+def _by_construction(n_atoms=4000, seed=0):
+    """One-atom structures of H and O; H forces have a spread and errors drawn with
+    exactly that std, O forces (a high-symmetry site) have no spread at all and
+    errors of std 0.2 eV/Å. Energies: errors drawn with 1.5x the (varied) spread."""
+    generator = torch.Generator().manual_seed(seed)
+    numbers = torch.where(torch.arange(n_atoms) % 3 == 0, 8, 1)
+    members = 8
+    noise = torch.randn(members, n_atoms, 3, dtype=DTYPE, generator=generator)
+    noise = (noise - noise.mean(0)) / noise.std(0)  # exactly unit spread
+    scale = 0.05 + 0.5 * torch.rand(n_atoms, 1, dtype=DTYPE, generator=generator)
+    forces = noise * scale
+    forces[:, numbers == 8] = 0.3  # all members alike
+    errors = torch.randn(n_atoms, 3, dtype=DTYPE, generator=generator)
+    errors = torch.where((numbers == 8).unsqueeze(-1), 0.2 * errors, scale * errors)
+    e_noise = torch.randn(n_atoms, members, dtype=DTYPE, generator=generator)
+    e_noise = (e_noise - e_noise.mean(1, keepdim=True)) / e_noise.std(1, keepdim=True)
+    e_scale = 0.02 + 0.2 * torch.rand(n_atoms, dtype=DTYPE, generator=generator)
+    atomic = e_scale.unsqueeze(-1) * e_noise
+    energy_ref = 1.5 * e_scale * torch.randn(n_atoms, dtype=DTYPE, generator=generator)
+    return EnsemblePredictions(
+        energies=atomic.clone(),
+        energy_ref=energy_ref,
+        n_atoms=torch.ones(n_atoms, dtype=torch.long),
+        atomic=atomic,
+        forces=forces,
+        forces_ref=forces.mean(0) + errors,
+        system_index=torch.arange(n_atoms),
+        numbers=numbers,
+    )
+
+
+def test_calibrated_by_construction_per_element():
+    predictions = _by_construction()
+    fit = fit_calibration(predictions, noise_floor=True)
+    # H errors were drawn with the spread, O errors with std 0.2 and no spread
+    assert fit["alpha_forces"] == pytest.approx(1.0, abs=0.05)
+    assert fit["sigma0_forces"]["O"] == pytest.approx(0.2, rel=0.05)
+    assert fit["sigma0_forces"].get("H", 0.0) < 0.02
+    assert fit["alpha_energy"] == pytest.approx(1.5, rel=0.05)
+    report = evaluate_predictions(
+        predictions.calibrated(
+            fit["alpha_energy"],
+            fit["alpha_forces"],
+            NoiseFloors(
+                energy=fit["sigma0_energy"],
+                atom=fit["sigma0_atom"],
+                forces={1: fit["sigma0_forces"].get("H", 0.0), 8: 0.2},
+            ),
+        )
+    )
+    forces = report["forces"]
+    n_oxygen = int((predictions.numbers == 8).sum()) * 3
+    assert forces["n_zero_spread"] == n_oxygen
+    # every component counts in the metrics, with its floor
+    for element in ("H", "O"):
+        assert report["forces_by_element"][element]["alpha"] == pytest.approx(
+            1.0, abs=0.05
+        ), element
+    assert forces["alpha"] == pytest.approx(1.0, abs=0.05)
+    # without the floor one factor cannot serve both: O is left out of the fit
+    plain = fit_calibration(predictions, noise_floor=False)
+    assert plain["sigma0_forces"] == {}
+    assert plain["alpha_forces"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_floors_need_atomic_numbers():
+    predictions = _by_construction(300)
+    predictions.numbers = None
+    with pytest.raises(CalibrationError, match="atomic numbers"):
+        fit_calibration(predictions, noise_floor=True)
+
+
+FLOORS = {
+    "alpha_energy": 1.7,
+    "alpha_forces": 0.6,
+    "alpha_atom": 2.5,
+    "sigma0_energy": 0.003,
+    "sigma0_atom": 0.02,
+    "sigma0_forces": {"H": 0.05, "O": 0.1},
+}
+
+
+@pytest.fixture(scope="module")
+def floored(tmp_path_factory):
+    """A model with the calibration of FLOORS, as checkpoint and exported model."""
+    model = make_model([1, 6, 8], num_members=5)
+    model.set_calibration(FLOORS)
+    folder = tmp_path_factory.mktemp("floors")
+    save_checkpoint(folder / "model.ckpt", model, {"calibration": FLOORS})
+    export_model(model, folder / "model.pt")
+    return folder
+
+
+def test_checkpoint_and_export_keep_the_floors(floored, ethanol_frames):
+    model = load_model(floored / "model.ckpt")
+    assert model.noise_floors() == NoiseFloors(
+        energy=0.003, atom=0.02, forces={1: 0.05, 8: 0.1}
+    )
+    exported = load_exported(floored / "model.pt")
+    frames = ethanol_frames[:3]
+    raw = predict_dataset(
+        model, GraphDataset(read_structures_of(frames), model.cutoff), 3
+    )
+    outputs, _ = run_model(
+        exported, frames, {"energy_uncertainty": "atom", "energy_ensemble": "system"}
+    )
+    per_atom = outputs["energy_uncertainty"].block().values[:, 0]
+    spread = raw.atomic.std(dim=1)
+    torch.testing.assert_close(
+        per_atom, torch.sqrt((2.5 * spread) ** 2 + 0.02**2), rtol=1e-10, atol=1e-12
+    )
+    totals, _ = run_model(exported, frames, {"energy_uncertainty": "system"})
+    members = outputs["energy_ensemble"].block().values
+    expected = torch.sqrt(members.std(dim=1) ** 2 + (9 * 0.003) ** 2)
+    torch.testing.assert_close(
+        totals["energy_uncertainty"].block().values[:, 0], expected
+    )
+    # the exported route and the checkpoint route report the same floors
+    from_export = predict_frames(exported, frames)
+    calibrated = raw.calibrated(1.7, 0.6, model.noise_floors())
+    assert from_export.floors == calibrated.floors
+    for route in (from_export, calibrated):
+        _, std, spread = route.forces_mean_std()
+        floor = torch.where(route.numbers == 1, 0.05, 0.0)
+        floor = torch.where(route.numbers == 8, 0.1, floor).unsqueeze(-1)
+        torch.testing.assert_close(std, torch.sqrt(spread**2 + floor**2))
+    torch.testing.assert_close(
+        from_export.forces_mean_std()[1], calibrated.forces_mean_std()[1]
+    )
+    torch.testing.assert_close(
+        from_export.energy_mean_std()[1], calibrated.energy_mean_std()[1]
+    )
+
+
+def test_version_2_checkpoints_load_without_floors(floored):
+    payload = read_checkpoint(floored / "model.ckpt")
+    old = dict(payload, version=2, calibration=dict(FLOORS))
+    old["state_dict"] = {
+        k: v for k, v in payload["state_dict"].items() if not k.startswith("sigma0")
+    }
+    for key in ("sigma0_energy", "sigma0_atom", "sigma0_forces"):
+        del old["calibration"][key]
+    upgraded = upgrade_checkpoint(old)
+    assert upgraded["version"] == 3
+    assert upgraded["calibration"]["sigma0_forces"] == {}
+    assert float(upgraded["state_dict"]["sigma0_atom"]) == 0.0
+    assert not bool(upgraded["state_dict"]["sigma0_forces"].any())
+    assert upgraded["state_dict"]["sigma0_forces"].shape == (119,)
+
+
+def read_structures_of(frames):
+    import tempfile
+    from pathlib import Path
+
+    import ase.io
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "frames.xyz"
+        ase.io.write(path, frames)
+        return read_structures(path)
