@@ -26,7 +26,7 @@ from .errors import ShallowEnsembleError
 
 
 if TYPE_CHECKING:
-    from .calibration.recalibrate import NoiseFloors
+    from .calibration.noise_floor import NoiseFloors
     from .config import ModelConfig
     from .data import Batch, GraphDataset
     from .heads import LinearHeads
@@ -203,7 +203,7 @@ class ModelKind(torch.nn.Module):
 
     def noise_floors(self) -> "NoiseFloors":
         """This model's noise floors."""
-        from .calibration.recalibrate import NoiseFloors
+        from .calibration.noise_floor import NoiseFloors
 
         forces = self.sigma0_forces.detach().cpu()
         return NoiseFloors(

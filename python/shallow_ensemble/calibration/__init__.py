@@ -23,15 +23,18 @@ from .plots import (
     plot_parity,
     save_report,
 )
+from .noise_floor import NoiseFloors, fit_noise_floor, select_noise_floor
 from .recalibrate import GlobalRecalibration, fit_alpha, stretch_members
 
 
 __all__ = [
     "GlobalRecalibration",
+    "NoiseFloors",
     "alpha",
     "calibration_curve",
     "crps",
     "fit_alpha",
+    "fit_noise_floor",
     "gaussian_nll",
     "mae",
     "miscalibration_area",
@@ -41,6 +44,7 @@ __all__ = [
     "rll",
     "rmse",
     "save_report",
+    "select_noise_floor",
     "stretch_members",
     "summary",
     "z_statistics",

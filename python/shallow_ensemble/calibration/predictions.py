@@ -10,7 +10,8 @@ from ..errors import CalibrationError
 from ..kinds import ModelKind
 from ..losses import voigt
 from .metrics import mae, rmse, summary
-from .recalibrate import NoiseFloors, fit_alpha, select_noise_floor, stretch_members
+from .noise_floor import NoiseFloors, select_noise_floor
+from .recalibrate import fit_alpha, stretch_members
 
 
 if TYPE_CHECKING:
@@ -287,7 +288,7 @@ def fit_calibration(
     components of each element (``sigma0_forces``, eV/Å by element symbol); the
     components without spread then count, through the floor. Each floor is kept only
     if it lowers the NLL of held-out structures (:py:func:`~shallow_ensemble.
-    calibration.recalibrate.select_noise_floor`, :py:data:`NOISE_FLOOR_FOLDS` folds
+    calibration.noise_floor.select_noise_floor`, :py:data:`NOISE_FLOOR_FOLDS` folds
     of the validation structures). A one-member model gets factors of 1 and no
     floors.
 

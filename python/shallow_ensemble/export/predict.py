@@ -16,8 +16,8 @@ from metatomic.torch import (
 )
 from vesin.metatomic import neighbor_lists_for_model
 
+from ..calibration.noise_floor import NoiseFloors
 from ..calibration.predictions import EnsemblePredictions
-from ..calibration.recalibrate import NoiseFloors
 
 
 def load_exported(

@@ -8,19 +8,19 @@ import pytest
 import torch
 
 from conftest import make_model
+from shallow_ensemble.calibration.noise_floor import (
+    NoiseFloors,
+    fit_noise_floor,
+    floored_std,
+    select_noise_floor,
+)
 from shallow_ensemble.calibration.predictions import (
     EnsemblePredictions,
     evaluate_predictions,
     fit_calibration,
     predict_dataset,
 )
-from shallow_ensemble.calibration.recalibrate import (
-    NoiseFloors,
-    fit_alpha,
-    fit_noise_floor,
-    floored_std,
-    select_noise_floor,
-)
+from shallow_ensemble.calibration.recalibrate import fit_alpha
 from shallow_ensemble.data import GraphDataset, read_structures
 from shallow_ensemble.errors import CalibrationError
 from shallow_ensemble.export import export_model

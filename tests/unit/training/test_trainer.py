@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import ETHANOL, tiny_config, write_ethanol_split
+from shallow_ensemble.calibration.noise_floor import NoiseFloors
 from shallow_ensemble.calibration.predictions import noise_floors
-from shallow_ensemble.calibration.recalibrate import NoiseFloors
 from shallow_ensemble.export import to_atomistic_model
 from shallow_ensemble.export.predict import run_model
 from shallow_ensemble.training import TrainingError, load_model, train
