@@ -17,13 +17,13 @@ from .metrics import (
     summary,
     z_statistics,
 )
+from .noise_floor import NoiseFloors, fit_noise_floor, select_noise_floor
 from .plots import (
     plot_calibration_curve,
     plot_error_vs_sigma,
     plot_parity,
     save_report,
 )
-from .noise_floor import NoiseFloors, fit_noise_floor, select_noise_floor
 from .recalibrate import GlobalRecalibration, fit_alpha, stretch_members
 
 

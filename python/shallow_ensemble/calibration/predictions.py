@@ -269,6 +269,19 @@ NOISE_FLOOR_FOLDS = 5
 % 5``) that decide whether a noise floor is kept (:py:func:`fit_calibration`)."""
 
 
+def uncalibrated() -> dict[str, Any]:
+    """The calibration dictionary of a model that is not calibrated: factors of 1,
+    no floors (the keys of :py:func:`fit_calibration`)."""
+    return {
+        "alpha_energy": 1.0,
+        "alpha_forces": 1.0,
+        "alpha_atom": 1.0,
+        "sigma0_energy": 0.0,
+        "sigma0_atom": 0.0,
+        "sigma0_forces": {},
+    }
+
+
 def fit_calibration(
     predictions: EnsemblePredictions, noise_floor: bool = False
 ) -> dict[str, Any]:
@@ -299,14 +312,7 @@ def fit_calibration(
         predictions, or if the members of an ensemble all predict the same energies
         (or forces): the ensemble has collapsed
     """
-    fit: dict[str, Any] = {
-        "alpha_energy": 1.0,
-        "alpha_forces": 1.0,
-        "alpha_atom": 1.0,
-        "sigma0_energy": 0.0,
-        "sigma0_atom": 0.0,
-        "sigma0_forces": {},
-    }
+    fit = uncalibrated()
     if predictions.num_members < 2:
         return fit
     if predictions.energy_ref is None:

@@ -14,6 +14,7 @@ from ..calibration.predictions import (
     fit_calibration,
     noise_floors,
     predict_dataset,
+    uncalibrated,
 )
 from ..config import Config
 from ..data import GraphDataset
@@ -84,7 +85,7 @@ def finalize(
     batch_size = config.training.batch_size
     predictions = predict_dataset(model, datasets["valid"], batch_size)
     metrics = {"valid_uncalibrated": evaluate_predictions(predictions)}
-    calibration = _uncalibrated()
+    calibration = uncalibrated()
     if calibrate and config.calibration.enabled:
         calibration = fit_calibration(
             predictions, noise_floor=config.calibration.noise_floor
@@ -113,18 +114,6 @@ def finalize(
     path = outdir / "model.ckpt"
     save_checkpoint(path, model, payload)
     return TrainResult(model, path, history, calibration, metrics, elapsed, info)
-
-
-def _uncalibrated() -> dict[str, Any]:
-    """The calibration of a model that is not calibrated."""
-    return {
-        "alpha_energy": 1.0,
-        "alpha_forces": 1.0,
-        "alpha_atom": 1.0,
-        "sigma0_energy": 0.0,
-        "sigma0_atom": 0.0,
-        "sigma0_forces": {},
-    }
 
 
 def _apply(
