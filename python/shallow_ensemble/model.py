@@ -448,9 +448,17 @@ def pair_forces_to_atoms(
     :param pair_grads: ``(n_members, n_pairs, 3)``
     :return: :math:`F = -\\partial E / \\partial r`, ``(n_members, n_atoms, 3)``
     """
+    # sum along the pairs in the layout the gradients are stored in (the batched
+    # member route gives a (n_pairs, 3, n_members) tensor seen as a permutation)
+    stored = pair_grads.permute(1, 2, 0)
+    if stored.is_contiguous() and pair_grads.shape[0] > 1:
+        forces = stored.new_zeros((n_atoms, 3, pair_grads.shape[0]))
+        forces = forces.index_add(0, centers, stored)
+        forces = forces.index_add(0, neighbors, stored, alpha=-1)
+        return forces.permute(2, 0, 1).contiguous()
     forces = pair_grads.new_zeros((pair_grads.shape[0], n_atoms, 3))
     forces = forces.index_add(1, centers, pair_grads)
-    return forces.index_add(1, neighbors, -pair_grads)
+    return forces.index_add(1, neighbors, pair_grads, alpha=-1)
 
 
 def pair_stress(

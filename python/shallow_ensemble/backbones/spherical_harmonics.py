@@ -131,7 +131,7 @@ class SphericalHarmonics(torch.nn.Module):
 
     @torch.jit.unused
     def compute_with_gradients(
-        self, vectors: torch.Tensor
+        self, vectors: torch.Tensor, pairs_last: bool = False
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Values ``(n, K)`` and analytic gradients w.r.t. ``vectors`` ``(n, 3, K)``.
 
@@ -139,6 +139,9 @@ class SphericalHarmonics(torch.nn.Module):
         term, then projected onto the sphere:
         :math:`dY/dR = (\\nabla_u P - u (u \\cdot \\nabla_u P)) / r`.
         Used for the explicit pair Jacobian in training (eager only).
+
+        :param pairs_last: return ``(K, n)`` and ``(K, 3, n)`` instead (the same
+            numbers, laid out for products that run along the pairs)
         """
         r = torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)
         unit = vectors / r
@@ -163,6 +166,17 @@ class SphericalHarmonics(torch.nn.Module):
         )
         q, dq = self._legendre(unit[:, 2], True)
         norms = self._norms(vectors)
+        if pairs_last:
+            norms = norms.unsqueeze(-1)
+            q = norms * q.t().index_select(0, self.q_index)
+            dq = norms * dq.t().index_select(0, self.q_index)
+            phi, dphi_dx, dphi_dy = (
+                t.t().index_select(0, self.phi_index) for t in (phi, dphi_dx, dphi_dy)
+            )
+            grad_u = torch.stack([q * dphi_dx, q * dphi_dy, dq * phi], dim=1)
+            unit = unit.t()  # (3, n)
+            radial = (grad_u * unit).sum(dim=1, keepdim=True)  # (K, 1, n)
+            return q * phi, (grad_u - unit * radial) / r.t()
         q = norms * q.index_select(1, self.q_index)
         dq = norms * dq.index_select(1, self.q_index)
         phi, dphi_dx, dphi_dy = (
