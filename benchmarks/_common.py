@@ -131,6 +131,15 @@ def check_disjoint(sets: dict) -> None:
         raise RuntimeError(f"{shared} test structures are in train or valid")
 
 
+def calibrate(model, raw):
+    """``raw`` predictions with the model's own calibration: its factors alpha and,
+    in versions of the package that fit them, its noise floors."""
+    factors = [float(model.alpha_energy), float(model.alpha_forces)]
+    if hasattr(model, "noise_floors"):
+        factors.append(model.noise_floors())
+    return raw.calibrated(*factors)
+
+
 def test_metrics(config, folder: Path) -> dict:
     """Test-set metrics of a stage's model, before and after its recalibration."""
     model = load_model(folder / "model.ckpt")
@@ -138,7 +147,7 @@ def test_metrics(config, folder: Path) -> dict:
     check_disjoint(sets)
     dataset = GraphDataset(sets["test"], model.cutoff)
     raw = predict_dataset(model, dataset, config.training.batch_size)
-    calibrated = raw.calibrated(float(model.alpha_energy), float(model.alpha_forces))
+    calibrated = calibrate(model, raw)
     return {
         "sizes": {k: len(v) for k, v in sets.items()},
         "raw": evaluate_predictions(raw),

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from _common import (
     add_model_arguments,
+    calibrate,
     finite_or_none,
     get,
     make_config,
@@ -90,7 +91,7 @@ def atom_sigma(model, structures, batch_size: int):
     raw = predict_dataset(model, dataset, batch_size, forces=True)
     atomic = raw.atomic.to(model.alpha_atom.dtype)
     _, sigma = model.calibrated_atomic_energies(atomic)
-    calibrated = raw.calibrated(float(model.alpha_energy), float(model.alpha_forces))
+    calibrated = calibrate(model, raw)
     return calibrated, sigma.double().numpy()
 
 
