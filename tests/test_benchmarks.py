@@ -83,6 +83,14 @@ ARGUMENTS = {
         "--output={output}",
         "--json=ood.json",
     ],
+    "noise_floor": [
+        *[a for a in TRAINING if not a.startswith("--epochs")],
+        "--epochs=2",
+        "--warmup-epochs=1",
+        "--repeats=2",
+        "--output={output}",
+        "--json=noise_floor.json",
+    ],
     "member_forces": [f"--data={ETHANOL}", "--members=2", "--repeats=1", "--threads=1"],
     "scaling": [
         f"--data={SILICON}",
@@ -153,6 +161,9 @@ SUMMARY = {
         for name in ("laplace", "energy_nll", "energy_force_nll")
     )
     + rf"; protocol ratio={NUMBER} alpha_E={NUMBER} \((meets|misses) target\)",
+    "noise_floor": rf"noise_floor: ethanol-60\.xyz, 2 repeats: test alpha_F {NUMBER} ± "
+    rf"{NUMBER} \(factor alone\) -> {NUMBER} ± {NUMBER} \(with floors\); force RLL "
+    rf"{NUMBER} -> {NUMBER}",
     "metatrain_comparison": rf"metatrain_comparison: PET \d+ s; best calibrated force "
     rf"RLL {NUMBER} \((mtt llpr|mtt llpr \+ ensemble training|ours: laplace|"
     r"ours: laplace \+ finetune \(heads, 1 epochs, lr 0\.001\))\)",
@@ -289,3 +300,20 @@ def test_out_of_distribution_reports_every_strategy(benchmark_runs):
             r["sigma_outer_median"] / r["sigma_bulk_median"]
         )
     assert results["protocol"]["export_max_relative_difference"] < 1e-2
+
+
+def test_noise_floor_compares_two_calibrations_of_the_same_predictions(benchmark_runs):
+    """Both calibrations are fitted on the same validation predictions: the same
+    test RMSE, no floors in the first, finite test metrics in both."""
+    data = _json(benchmark_runs, "noise_floor", "noise_floor.json")
+    assert [r["alpha"]["calibration"]["sigma0_forces"] for r in data["repeats"]] == [
+        {},
+        {},
+    ]
+    for repeat in data["repeats"]:
+        plain, floored = repeat["alpha"], repeat["alpha+floor"]
+        assert plain["test"]["forces"]["rmse"] == floored["test"]["forces"]["rmse"]
+        assert set(floored["calibration"]["sigma0_forces"]) == {"H", "C", "O"}
+        for result in (plain, floored):
+            for key in ("nll", "rll", "alpha"):
+                assert math.isfinite(result["test"]["forces"][key]), key
