@@ -132,12 +132,11 @@ def check_disjoint(sets: dict) -> None:
 
 
 def calibrate(model, raw):
-    """``raw`` predictions with the model's own calibration: its factors alpha and,
-    in versions of the package that fit them, its noise floors."""
-    factors = [float(model.alpha_energy), float(model.alpha_forces)]
-    if hasattr(model, "noise_floors"):
-        factors.append(model.noise_floors())
-    return raw.calibrated(*factors)
+    """``raw`` predictions with the model's own calibration: its factors alpha and
+    its noise floors."""
+    return raw.calibrated(
+        float(model.alpha_energy), float(model.alpha_forces), model.noise_floors()
+    )
 
 
 def test_metrics(config, folder: Path) -> dict:

@@ -79,6 +79,9 @@ def test_train_writes_checkpoint_log_and_metrics(trained):
         "sigma0_energy",
         "sigma0_atom",
         "sigma0_forces",
+        "floor_scale_energy",
+        "floor_scale_atom",
+        "floor_scale_forces",
     }
     # the metrics table: title, header and one row per quantity
     assert "valid calibrated:" in run.out

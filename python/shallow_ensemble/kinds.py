@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 #: size of the per-element tables indexed by atomic number (0 to 118)
 NUM_ELEMENTS = 119
+#: buffers of the scales of the noise-floor model (1: no floor)
+FLOOR_SCALES = ("floor_scale_energy", "floor_scale_atom", "floor_scale_forces")
 
 
 class UnknownKindError(ShallowEnsembleError, ValueError):
@@ -82,6 +84,7 @@ def calibrate_members(
     alpha_forces: torch.Tensor,
     alpha_atom: torch.Tensor,
     sigma0_atom: torch.Tensor,
+    floor_scale_atom: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply the calibration to per-atom member energies ``(n_atoms, M)``.
 
@@ -89,8 +92,9 @@ def calibrate_members(
     ensemble is stretched around its mean by ``alpha_energy`` in value and by
     ``alpha_forces`` in gradient, so that summed member energies and autograd member
     forces are both calibrated; the per-atom uncertainty is the per-atom member spread
-    times ``alpha_atom`` with the per-atom noise floor ``sigma0_atom`` added in
-    quadrature (per-atom spreads do not add up; the per-atom ensemble does).
+    times ``alpha_atom``, scaled by ``floor_scale_atom`` with the per-atom noise floor
+    ``sigma0_atom`` added in quadrature (per-atom spreads do not add up; the
+    per-atom ensemble does).
     TorchScript: the exported models call it too.
     """
     mean = atomic.mean(dim=-1, keepdim=True)
@@ -102,7 +106,8 @@ def calibrate_members(
         std = atomic.std(dim=-1)
     else:
         std = torch.zeros_like(atomic[:, 0])
-    return ensemble, torch.sqrt((alpha_atom * std) ** 2 + sigma0_atom**2)
+    spread = floor_scale_atom * alpha_atom * std
+    return ensemble, torch.sqrt(spread**2 + sigma0_atom**2)
 
 
 def sum_per_system(atomic: torch.Tensor, batch: "Batch") -> torch.Tensor:
@@ -121,7 +126,10 @@ class ModelKind(torch.nn.Module):
     act on it), the calibration factors (buffers ``alpha_energy``, ``alpha_forces``,
     ``alpha_atom``, 1 until calibrated) and noise floors (buffers ``sigma0_energy``,
     eV/atom, ``sigma0_atom``, eV, and ``sigma0_forces``, eV/Å indexed by atomic
-    number; 0 until calibrated), :py:attr:`atomic_types` and
+    number, 0 until calibrated, with the scales ``floor_scale_energy``,
+    ``floor_scale_atom``, ``floor_scale_forces``, 1 until calibrated; see
+    :py:class:`~shallow_ensemble.calibration.noise_floor.NoiseFloors`),
+    :py:attr:`atomic_types` and
     :py:attr:`cutoff` (the interaction range, angstrom). A kind implements:
 
     - ``kind`` (class attribute): its registered name;
@@ -157,6 +165,9 @@ class ModelKind(torch.nn.Module):
     sigma0_energy: torch.Tensor
     sigma0_atom: torch.Tensor
     sigma0_forces: torch.Tensor
+    floor_scale_energy: torch.Tensor
+    floor_scale_atom: torch.Tensor
+    floor_scale_forces: torch.Tensor
 
     #: whether :py:meth:`predict` computes stresses (``stress=True``)
     predicts_stress: bool = False
@@ -169,6 +180,8 @@ class ModelKind(torch.nn.Module):
         self.register_buffer("sigma0_energy", torch.zeros(()))
         self.register_buffer("sigma0_atom", torch.zeros(()))
         self.register_buffer("sigma0_forces", torch.zeros(NUM_ELEMENTS))
+        for name in FLOOR_SCALES:
+            self.register_buffer(name, torch.ones(()))
 
     @property
     def num_members(self) -> int:
@@ -184,6 +197,7 @@ class ModelKind(torch.nn.Module):
             self.alpha_forces,
             self.alpha_atom,
             self.sigma0_atom,
+            self.floor_scale_atom,
         )
 
     def set_calibration(self, calibration: dict[str, Any]) -> None:
@@ -197,6 +211,9 @@ class ModelKind(torch.nn.Module):
             getattr(self, name).fill_(float(calibration[name]))
         self.sigma0_energy.fill_(floors.energy)
         self.sigma0_atom.fill_(floors.atom)
+        self.floor_scale_energy.fill_(floors.energy_scale)
+        self.floor_scale_atom.fill_(floors.atom_scale)
+        self.floor_scale_forces.fill_(floors.forces_scale)
         self.sigma0_forces.zero_()
         for number, value in floors.forces.items():
             self.sigma0_forces[number] = value
@@ -210,6 +227,9 @@ class ModelKind(torch.nn.Module):
             energy=float(self.sigma0_energy),
             atom=float(self.sigma0_atom),
             forces={int(z): float(forces[z]) for z in torch.nonzero(forces).flatten()},
+            energy_scale=float(self.floor_scale_energy),
+            atom_scale=float(self.floor_scale_atom),
+            forces_scale=float(self.floor_scale_forces),
         )
 
     # ------------------------------------------------------ what a kind implements --

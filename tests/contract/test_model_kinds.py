@@ -41,7 +41,14 @@ from shallow_ensemble.training.initialization import stack_models
 TYPES = [1, 6, 8]
 ALPHAS = {"alpha_energy": 1.3, "alpha_forces": 0.7, "alpha_atom": 2.1}
 #: noise floors: energy per atom (eV/atom), per-atom uncertainty (eV), forces
-FLOORS = {"sigma0_energy": 0.002, "sigma0_atom": 0.03, "sigma0_forces": {"H": 0.04}}
+FLOORS = {
+    "sigma0_energy": 0.002,
+    "sigma0_atom": 0.03,
+    "sigma0_forces": {"H": 0.04},
+    "floor_scale_energy": 0.8,
+    "floor_scale_atom": 0.9,
+    "floor_scale_forces": 0.7,
+}
 FEATURES = "mtt::aux::energy_last_layer_features"
 
 
@@ -329,7 +336,7 @@ def test_export_round_trip(model, ethanol_frames, periodic_box, tmp_path):
     floor = batch.n_atoms.to(energies.dtype) * FLOORS["sigma0_energy"]
     torch.testing.assert_close(
         got["energy_uncertainty/system"][:, 0],
-        torch.sqrt((alpha_energy * energies.std(dim=1)) ** 2 + floor**2),
+        torch.sqrt((0.8 * alpha_energy * energies.std(dim=1)) ** 2 + floor**2),
     )
     ensemble, atom_std = calibrate_members(
         prediction.atomic.detach(),
@@ -337,11 +344,12 @@ def test_export_round_trip(model, ethanol_frames, periodic_box, tmp_path):
         model.alpha_forces,
         model.alpha_atom,
         model.sigma0_atom,
+        model.floor_scale_atom,
     )
     torch.testing.assert_close(
         atom_std,
         torch.sqrt(
-            (ALPHAS["alpha_atom"] * prediction.atomic.detach().std(dim=1)) ** 2
+            (0.9 * ALPHAS["alpha_atom"] * prediction.atomic.detach().std(dim=1)) ** 2
             + FLOORS["sigma0_atom"] ** 2
         ),
     )

@@ -20,16 +20,19 @@ from shallow_ensemble.training import train
 INITIAL = [-0.7277127200656548, -3.71536303410726, -1.018203285384741]
 TRAINED_MEMBERS = [-4209.479453320747, -4209.56483279677, -4209.711663814935]
 TRAINED_CALIBRATION = {
-    "alpha_energy": 2.0383529841149857,
-    "alpha_forces": 5.180696725846229,
+    "alpha_energy": 2.0383529841149852,
+    "alpha_forces": 24.798906592697655,
     "alpha_atom": 4.4351448752786355,
     "sigma0_energy": 0.0,
     "sigma0_atom": 0.0,
     "sigma0_forces": {
-        "H": 0.5522183668176945,
-        "C": 1.4730458147187948,
-        "O": 0.9452014723963141,
+        "H": 0.5522183668176943,
+        "C": 1.4730458147187953,
+        "O": 0.9452014723963139,
     },
+    "floor_scale_energy": 1.0,
+    "floor_scale_atom": 1.0,
+    "floor_scale_forces": 0.20890827208372748,
 }
 
 

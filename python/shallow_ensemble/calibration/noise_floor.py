@@ -23,13 +23,18 @@ from ..errors import CalibrationError
 class NoiseFloors:
     r"""Noise floors of the calibrated uncertainties (see :py:func:`fit_noise_floor`).
 
-    A calibrated variance is :math:`\alpha^2 \sigma_{\mathrm{ens}}^2 + \sigma_0^2`:
+    The members are stretched by the factor alone (``alpha``, what engines that see
+    only the members get); an uncertainty with a floor is then
+    :math:`\sqrt{(s \sigma)^2 + \sigma_0^2}`, with :math:`\sigma` the spread of the
+    stretched members, :math:`s` the scale of the floor model and :math:`\sigma_0`:
 
-    - structure energies: :math:`\sigma_0 = N \times` :py:attr:`energy` (a floor on
-      the energy per atom);
-    - per-atom energy uncertainties: :py:attr:`atom` (they add up in quadrature, so a
-      structure gets :math:`\sqrt{N} \times` :py:attr:`atom`);
-    - force components: :py:attr:`forces` of the atom's element.
+    - structure energies: :math:`s` = :py:attr:`energy_scale`, :math:`\sigma_0 = N
+      \times` :py:attr:`energy` (a floor on the energy per atom);
+    - per-atom energy uncertainties: :py:attr:`atom_scale`, :py:attr:`atom` (they add
+      up in quadrature, so a structure gets :math:`\sqrt{N} \times`
+      :py:attr:`atom`);
+    - force components: :py:attr:`forces_scale`, :py:attr:`forces` of the atom's
+      element.
     """
 
     energy: float = 0.0
@@ -39,6 +44,12 @@ class NoiseFloors:
     forces: dict[int, float] = field(default_factory=dict)
     """Floor of each force component by atomic number, eV/Å (0 for elements not
     listed)."""
+    energy_scale: float = 1.0
+    """Scale of the calibrated energy spread in the floor model."""
+    atom_scale: float = 1.0
+    """Scale of the calibrated per-atom spread in the floor model."""
+    forces_scale: float = 1.0
+    """Scale of the calibrated force spread in the floor model."""
 
     def force_floor(self, numbers: torch.Tensor) -> torch.Tensor:
         """The force floor of each atom, ``(n_atoms,)`` float64, eV/Å."""
@@ -235,8 +246,9 @@ def _newton(
     return theta.detach()
 
 
-MIN_ALPHA_SHARE = 1e-2
-"""Smallest ``alpha`` with a noise floor, as a share of the factor alone, that
+MIN_ENSEMBLE_SHARE = 1e-2
+"""Smallest share of the ensemble spread in the variance of a floor model, averaged
+over the components (``alpha^2 sigma^2 / (alpha^2 sigma^2 + w^2 sigma_0^2)``), that
 :py:func:`select_noise_floor` accepts."""
 
 
@@ -259,8 +271,8 @@ def select_noise_floor(
     (``alpha`` near zero: the same uncertainty everywhere); held out, it survives only
     if the data support it. The chosen model is then fitted on all the data. Where a
     component has no spread but an error, the factor alone has an infinite NLL and
-    the floor is chosen. A floor that leaves the ensemble spread less than
-    :py:data:`MIN_ALPHA_SHARE` of the factor alone (``alpha`` near zero: the same
+    the floor is chosen. A floor model whose variance is on average less than
+    :py:data:`MIN_ENSEMBLE_SHARE` ensemble spread (``alpha`` near zero: the same
     uncertainty everywhere, as a handful of validation structures can suggest) is not
     used: the factor alone is kept, with floors, at that factor, only for the groups
     that need them.
@@ -287,7 +299,7 @@ def select_noise_floor(
     if not floor_nll < plain_nll:
         return plain, [0.0] * n_groups
     alpha, floors = data.fit_floor(n_groups)
-    if alpha >= MIN_ALPHA_SHARE * plain:
+    if data.ensemble_share(alpha, floors) >= MIN_ENSEMBLE_SHARE:
         return alpha, floors
     # the floor would replace the ensemble's spread: keep the spread, and a floor
     # only where one is needed, fitted at the factor alone
@@ -385,6 +397,16 @@ class _Components:
         if not bool(spread.any()):
             return math.inf
         return math.sqrt(float(torch.mean(self.e2[spread] / self.var[spread])))
+
+    def ensemble_share(self, alpha: float, floors: list[float]) -> float:
+        """Mean share of the ensemble spread in the variance of the floor model,
+        over the components with a spread or an error."""
+        keep = (self.var > 0) | (self.e2 > 0)
+        b = torch.tensor(floors, dtype=torch.float64) ** 2
+        spread = alpha**2 * self.var[keep]
+        return float(
+            torch.mean(spread / (spread + self.w2[keep] * b[self.groups[keep]]))
+        )
 
     def total_nll(self, alpha: float, floors: list[float]) -> float:
         """Summed Gaussian NLL (without the constant) of the components with a

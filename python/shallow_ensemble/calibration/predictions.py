@@ -80,22 +80,25 @@ class EnsemblePredictions:
 
     def energy_mean_std(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Structure energies: ensemble mean, uncertainty (the member spread with
-        the energy floor, :math:`\\sqrt{\\sigma^2 + (N \\sigma_0)^2}`) and the
-        member spread alone, each ``(n_structures,)``, eV."""
+        the floor model, :math:`\\sqrt{(s \\sigma)^2 + (N \\sigma_0)^2}`, see
+        :py:class:`NoiseFloors`) and the member spread alone, each
+        ``(n_structures,)``, eV."""
         mean, std = mean_std(self.energies, 1)
         floor = self.n_atoms.to(torch.float64) * self.floors.energy
-        return mean, torch.sqrt(std**2 + floor**2), std
+        scale = self.floors.energy_scale
+        return mean, torch.sqrt((scale * std) ** 2 + floor**2), std
 
     def forces_mean_std(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Force components: ensemble mean, uncertainty (member spread with the
-        element's force floor) and member spread alone, each ``(n_atoms, 3)``,
-        eV/Å."""
+        floor model and the element's force floor) and member spread alone, each
+        ``(n_atoms, 3)``, eV/Å."""
         assert self.forces is not None, "these predictions have no forces"
         mean, std = mean_std(self.forces, 0)
         if not self.floors.forces:
-            return mean, std, std
+            return mean, self.floors.forces_scale * std, std
         floor = self.floors.force_floor(self._numbers()).unsqueeze(-1)
-        return mean, torch.sqrt(std**2 + floor**2), std
+        scale = self.floors.forces_scale
+        return mean, torch.sqrt((scale * std) ** 2 + floor**2), std
 
     def _numbers(self) -> torch.Tensor:
         if self.numbers is None:
@@ -279,6 +282,9 @@ def uncalibrated() -> dict[str, Any]:
         "sigma0_energy": 0.0,
         "sigma0_atom": 0.0,
         "sigma0_forces": {},
+        "floor_scale_energy": 1.0,
+        "floor_scale_atom": 1.0,
+        "floor_scale_forces": 1.0,
     }
 
 
@@ -286,28 +292,29 @@ def fit_calibration(
     predictions: EnsemblePredictions, noise_floor: bool = False
 ) -> dict[str, Any]:
     r"""NLL-optimal global factors for energies, forces and per-atom energies, and
-    optionally noise floors (:py:func:`~shallow_ensemble.calibration.recalibrate.
-    fit_noise_floor`).
+    optionally noise floors (:py:mod:`~shallow_ensemble.calibration.noise_floor`).
 
-    ``alpha_atom`` assumes independent per-atom errors: it scales the per-atom member
-    spreads so that their sum in quadrature matches the structure energy errors,
-    :math:`\alpha_{atom}^2 = \langle \Delta E^2 / \sum_i \sigma_i^2 \rangle`.
+    The factors ``alpha_energy``, ``alpha_forces`` and ``alpha_atom`` stretch the
+    members (:py:meth:`EnsemblePredictions.calibrated`); they are fitted on the
+    components with an ensemble spread (:py:func:`zero_spread`), as the best single
+    factor for whoever sees only the members. ``alpha_atom`` assumes independent
+    per-atom errors: it scales the per-atom member spreads so that their sum in
+    quadrature matches the structure energy errors, :math:`\alpha_{atom}^2 = \langle
+    \Delta E^2 / \sum_i \sigma_i^2 \rangle`.
 
-    Without ``noise_floor``, components without ensemble spread
-    (:py:func:`zero_spread`) are left out of the fits. With it, every factor is fitted
-    jointly with a floor: the energy per atom (``sigma0_energy``, eV/atom), the
-    per-atom energy uncertainty (``sigma0_atom``, eV; a structure's variance is
-    :math:`\alpha_{atom}^2 \sum_i \sigma_i^2 + N \sigma_{0,atom}^2`) and the force
-    components of each element (``sigma0_forces``, eV/Å by element symbol); the
-    components without spread then count, through the floor. Each floor is kept only
-    if it lowers the NLL of held-out structures (:py:func:`~shallow_ensemble.
-    calibration.noise_floor.select_noise_floor`, :py:data:`NOISE_FLOOR_FOLDS` folds
-    of the validation structures). A one-member model gets factors of 1 and no
-    floors.
+    With ``noise_floor``, each uncertainty also gets a floor model fitted on all
+    components, :math:`\sigma^2 = (s \sigma_{cal})^2 + \sigma_0^2` with
+    :math:`\sigma_{cal}` the spread of the stretched members: the energy per atom
+    (``sigma0_energy``, eV/atom, ``floor_scale_energy``), the per-atom energy
+    uncertainty (``sigma0_atom``, eV, ``floor_scale_atom``; a structure's variance is
+    the sum over its atoms) and the force components of each element
+    (``sigma0_forces``, eV/Å by element symbol, ``floor_scale_forces``). A floor is
+    kept only if it lowers the NLL of held-out structures
+    (:py:func:`~shallow_ensemble.calibration.noise_floor.select_noise_floor`,
+    :py:data:`NOISE_FLOOR_FOLDS` folds); otherwise its scale is 1 and its floor 0. A
+    one-member model gets factors of 1 and no floors.
 
-    :return: ``alpha_energy``, ``alpha_forces``, ``alpha_atom`` (dimensionless),
-        ``sigma0_energy``, ``sigma0_atom`` and ``sigma0_forces`` (zeros and an empty
-        dictionary without ``noise_floor``)
+    :return: the keys of :py:func:`uncalibrated`
     :raises CalibrationError: without reference energies, with non-finite
         predictions, or if the members of an ensemble all predict the same energies
         (or forces): the ensemble has collapsed
@@ -334,50 +341,54 @@ def fit_calibration(
         raise _collapsed("energy", predictions.num_members, std, "eV")
     keep = ~zero
     reference = predictions.energy_ref
-    n_atoms = predictions.n_atoms.to(torch.float64)
+    fit["alpha_energy"] = fit_alpha(reference[keep], mean[keep], std[keep])
     folds = torch.arange(len(mean)) % NOISE_FLOOR_FOLDS
+    n_atoms = predictions.n_atoms.to(torch.float64)
     if noise_floor:
         std_fit = torch.where(zero, torch.zeros_like(std), std)
         alpha, (floor,) = select_noise_floor(
             reference, mean, std_fit, folds, weight=n_atoms
         )
-        fit["alpha_energy"], fit["sigma0_energy"] = alpha, floor
-    else:
-        fit["alpha_energy"] = fit_alpha(reference[keep], mean[keep], std[keep])
+        if floor > 0:
+            fit["sigma0_energy"] = floor
+            fit["floor_scale_energy"] = alpha / fit["alpha_energy"]
     if predictions.forces is not None and predictions.forces_ref is not None:
         f_mean, f_std = mean_std(predictions.forces, 0)
         f_zero, _ = zero_spread(f_mean, f_std)
         if bool(f_zero.all()):
             raise _collapsed("force", predictions.num_members, f_std, "eV/Å")
+        f_keep = ~f_zero
+        fit["alpha_forces"] = fit_alpha(
+            predictions.forces_ref[f_keep], f_mean[f_keep], f_std[f_keep]
+        )
         if noise_floor:
-            fit["alpha_forces"], fit["sigma0_forces"] = _fit_force_floors(
+            alpha, floors = _fit_force_floors(
                 predictions,
                 f_mean,
                 torch.where(f_zero, torch.zeros_like(f_std), f_std),
                 folds[predictions.system_index],
             )
-        else:
-            f_keep = ~f_zero
-            fit["alpha_forces"] = fit_alpha(
-                predictions.forces_ref[f_keep], f_mean[f_keep], f_std[f_keep]
-            )
+            if any(value > 0 for value in floors.values()):
+                fit["sigma0_forces"] = floors
+                fit["floor_scale_forces"] = alpha / fit["alpha_forces"]
     else:
         fit["alpha_forces"] = fit["alpha_energy"]
     _, atom_std = mean_std(predictions.atomic, 1)
     summed_var = torch.zeros_like(mean).index_add(
         0, predictions.system_index, atom_std**2
     )
-    if noise_floor:
-        summed_std = torch.where(zero, torch.zeros_like(std), summed_var.sqrt())
-        alpha, (floor,) = select_noise_floor(
-            reference, mean, summed_std, folds, weight=n_atoms.sqrt()
-        )
-        fit["alpha_atom"], fit["sigma0_atom"] = alpha, floor
-        return fit
     # a structure with an energy spread has atoms with a spread: summed_var > 0
     keep = keep & (summed_var > 0)
     err2 = (reference - mean)[keep] ** 2
     fit["alpha_atom"] = float(torch.sqrt((err2 / summed_var[keep]).mean()))
+    if noise_floor:
+        summed_std = torch.where(keep, summed_var.sqrt(), torch.zeros_like(std))
+        alpha, (floor,) = select_noise_floor(
+            reference, mean, summed_std, folds, weight=n_atoms.sqrt()
+        )
+        if floor > 0:
+            fit["sigma0_atom"] = floor
+            fit["floor_scale_atom"] = alpha / fit["alpha_atom"]
     return fit
 
 
@@ -387,8 +398,8 @@ def _fit_force_floors(
     std: torch.Tensor,
     folds: torch.Tensor,
 ) -> tuple[float, dict[str, float]]:
-    """``alpha_forces`` and one force floor per element (by symbol); ``folds``: the
-    cross-validation fold of each atom."""
+    """The factor of the force floor model and one floor per element (by symbol);
+    ``folds``: the cross-validation fold of each atom."""
     from ase.data import chemical_symbols
 
     assert predictions.forces_ref is not None, "checked by the caller"
@@ -418,7 +429,11 @@ def noise_floors(calibration: dict[str, Any]) -> NoiseFloors:
         forces={
             atomic_numbers[symbol]: float(value)
             for symbol, value in calibration.get("sigma0_forces", {}).items()
+            if value > 0
         },
+        energy_scale=float(calibration.get("floor_scale_energy", 1.0)),
+        atom_scale=float(calibration.get("floor_scale_atom", 1.0)),
+        forces_scale=float(calibration.get("floor_scale_forces", 1.0)),
     )
 
 

@@ -79,6 +79,11 @@ def format_calibration(calibration: dict[str, Any]) -> str:
     if any(value > 0 for value in forces.values()):
         floors = ", ".join(f"{s} {v:.3g}" for s, v in forces.items() if v > 0)
         parts.append(f"sigma0_forces = {floors} eV/A")
+    parts += [
+        f"{k} = {v:.3g}"
+        for k, v in calibration.items()
+        if k.startswith("floor_scale") and v != 1.0
+    ]
     return ", ".join(parts)
 
 

@@ -232,12 +232,13 @@ class CalibrationConfig:
     enabled: bool = True
     """Fit the calibration factors (alpha) on the validation set after training."""
     noise_floor: bool = True
-    """Fit a noise floor with each factor, sigma^2 = alpha^2 sigma_ens^2 + sigma_0^2
-    (per atom for energies, per element for force components), by the validation NLL:
-    components the members all predict alike (atoms on high-symmetry sites, atoms
-    without neighbours) get an uncertainty, and the factor no longer has to serve both
-    them and the rest. ``false``: the factor alone, fitted on the components with a
-    spread."""
+    """Also fit a noise floor model on the validation set, sigma^2 = (floor_scale *
+    sigma_cal)^2 + sigma_0^2 with sigma_cal the calibrated member spread (per atom for
+    energies, per element for force components), kept where it lowers the
+    cross-validated NLL: components the members all predict alike (atoms on
+    high-symmetry sites, atoms without neighbours) get an uncertainty, and no longer
+    inflate the others. The members keep the factors alone. ``false``: the factors
+    alone."""
 
 
 @dataclass(frozen=True, kw_only=True)

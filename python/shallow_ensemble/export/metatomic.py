@@ -21,7 +21,7 @@ from metatomic.torch import (
     System,
 )
 
-from ..kinds import ModelKind, calibrate_members
+from ..kinds import FLOOR_SCALES, ModelKind, calibrate_members
 
 
 REFERENCES = {
@@ -62,6 +62,9 @@ class ExportedEnsemble(torch.nn.Module):
     sigma0_energy: torch.Tensor
     sigma0_atom: torch.Tensor
     sigma0_forces: torch.Tensor
+    floor_scale_energy: torch.Tensor
+    floor_scale_atom: torch.Tensor
+    floor_scale_forces: torch.Tensor
 
     def __init__(self, model: ModelKind) -> None:
         super().__init__()
@@ -74,6 +77,7 @@ class ExportedEnsemble(torch.nn.Module):
             "sigma0_energy",
             "sigma0_atom",
             "sigma0_forces",
+            *FLOOR_SCALES,
         ):
             self.register_buffer(name, getattr(model, name).detach().clone())
 
@@ -101,6 +105,7 @@ class ExportedEnsemble(torch.nn.Module):
             self.alpha_forces,
             self.alpha_atom,
             self.sigma0_atom,
+            self.floor_scale_atom,
         )
         mean = atomic.mean(dim=1)
 
@@ -147,7 +152,10 @@ class ExportedEnsemble(torch.nn.Module):
                     n_atoms = torch.zeros(
                         (n_systems, 1), dtype=ensemble.dtype, device=device
                     ).index_add(0, sys_idx, torch.ones_like(ensemble[:, :1]))
-                    values = torch.sqrt(spread**2 + (n_atoms * self.sigma0_energy) ** 2)
+                    values = torch.sqrt(
+                        (self.floor_scale_energy * spread) ** 2
+                        + (n_atoms * self.sigma0_energy) ** 2
+                    )
                 else:
                     values = torch.zeros(
                         (n_systems, values.shape[1]), dtype=values.dtype, device=device
@@ -279,9 +287,11 @@ def _calibration_text(model: ModelKind) -> str:
             for z, value in sorted(floors.forces.items())
         )
         text += (
-            f"; noise floors: energy {floors.energy:.3g} eV/atom, per-atom energy "
-            f"{floors.atom:.3g} eV, forces {forces or 'none'} eV/Å (the force floors "
-            "are not in the member forces)"
+            f"; noise floors (uncertainty^2 = (scale * calibrated spread)^2 + "
+            f"floor^2): energy {floors.energy:.3g} eV/atom with scale "
+            f"{floors.energy_scale:.3g}, per-atom energy {floors.atom:.3g} eV with "
+            f"scale {floors.atom_scale:.3g}, forces {forces or 'none'} eV/Å with "
+            f"scale {floors.forces_scale:.3g} (the members carry the factors alone)"
         )
     return text
 

@@ -179,4 +179,7 @@ def exported_floors(model: AtomisticModel) -> NoiseFloors:
         energy=float(module.sigma0_energy),
         atom=float(module.sigma0_atom),
         forces={int(z): float(forces[z]) for z in torch.nonzero(forces).flatten()},
+        energy_scale=float(module.floor_scale_energy),
+        atom_scale=float(module.floor_scale_atom),
+        forces_scale=float(module.floor_scale_forces),
     )

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import ShallowEnsembleError
-from ..kinds import NUM_ELEMENTS, ModelKind, get_kind
+from ..kinds import FLOOR_SCALES, NUM_ELEMENTS, ModelKind, get_kind
 from .rundir import atomic_write
 
 
@@ -106,19 +106,24 @@ def _upgrade_1_to_2(payload: dict[str, Any]) -> dict[str, Any]:
 
 def _upgrade_2_to_3(payload: dict[str, Any]) -> dict[str, Any]:
     """Version 3 adds the noise floors (buffers ``sigma0_energy``, ``sigma0_atom``
-    and ``sigma0_forces`` beside ``alpha_energy``), zero in older models; the
+    and ``sigma0_forces``, zero in older models, and their scales, one); the
     calibration dictionary gets the same keys."""
     state = dict(payload["state_dict"])
     zero = torch.zeros_like(state["alpha_energy"])
     state["sigma0_energy"] = zero
     state["sigma0_atom"] = zero.clone()
     state["sigma0_forces"] = zero.new_zeros(NUM_ELEMENTS)
+    for name in FLOOR_SCALES:
+        state[name] = torch.ones_like(zero)
     upgraded = {**payload, "version": 3, "state_dict": state}
     if isinstance(payload.get("calibration"), dict):
         upgraded["calibration"] = {
             "sigma0_energy": 0.0,
             "sigma0_atom": 0.0,
             "sigma0_forces": {},
+            "floor_scale_energy": 1.0,
+            "floor_scale_atom": 1.0,
+            "floor_scale_forces": 1.0,
             **payload["calibration"],
         }
     return upgraded

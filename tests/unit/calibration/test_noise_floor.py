@@ -18,6 +18,7 @@ from shallow_ensemble.calibration.predictions import (
     EnsemblePredictions,
     evaluate_predictions,
     fit_calibration,
+    noise_floors,
     predict_dataset,
 )
 from shallow_ensemble.calibration.recalibrate import fit_alpha
@@ -187,35 +188,36 @@ def _by_construction(n_atoms=4000, seed=0):
 def test_calibrated_by_construction_per_element():
     predictions = _by_construction()
     fit = fit_calibration(predictions, noise_floor=True)
-    # H errors were drawn with the spread, O errors with std 0.2 and no spread
+    # the members' factor: the components with a spread (H), drawn with it
     assert fit["alpha_forces"] == pytest.approx(1.0, abs=0.05)
-    assert fit["sigma0_forces"]["O"] == pytest.approx(0.2, rel=0.05)
-    assert fit["sigma0_forces"].get("H", 0.0) < 0.02
     assert fit["alpha_energy"] == pytest.approx(1.5, rel=0.05)
+    # the floor model: O errors were drawn with std 0.2 and no spread
+    assert fit["sigma0_forces"]["O"] == pytest.approx(0.2, rel=0.05)
+    assert fit["sigma0_forces"]["H"] < 0.02
+    assert fit["floor_scale_forces"] == pytest.approx(1.0, abs=0.05)
+    floors = noise_floors(fit)
+    assert floors.forces[8] == fit["sigma0_forces"]["O"]
     report = evaluate_predictions(
-        predictions.calibrated(
-            fit["alpha_energy"],
-            fit["alpha_forces"],
-            NoiseFloors(
-                energy=fit["sigma0_energy"],
-                atom=fit["sigma0_atom"],
-                forces={1: fit["sigma0_forces"].get("H", 0.0), 8: 0.2},
-            ),
-        )
+        predictions.calibrated(fit["alpha_energy"], fit["alpha_forces"], floors)
     )
     forces = report["forces"]
     n_oxygen = int((predictions.numbers == 8).sum()) * 3
     assert forces["n_zero_spread"] == n_oxygen
     # every component counts in the metrics, with its floor
+    assert forces["n_scored"] == forces["n"]
     for element in ("H", "O"):
         assert report["forces_by_element"][element]["alpha"] == pytest.approx(
             1.0, abs=0.05
         ), element
     assert forces["alpha"] == pytest.approx(1.0, abs=0.05)
-    # without the floor one factor cannot serve both: O is left out of the fit
+    # without the floors the O components have no uncertainty: left out
     plain = fit_calibration(predictions, noise_floor=False)
     assert plain["sigma0_forces"] == {}
-    assert plain["alpha_forces"] == pytest.approx(1.0, abs=0.05)
+    assert plain["alpha_forces"] == fit["alpha_forces"]
+    report = evaluate_predictions(
+        predictions.calibrated(plain["alpha_energy"], plain["alpha_forces"])
+    )
+    assert report["forces"]["n_scored"] == report["forces"]["n"] - n_oxygen
 
 
 def test_floors_need_atomic_numbers():
@@ -232,6 +234,9 @@ FLOORS = {
     "sigma0_energy": 0.003,
     "sigma0_atom": 0.02,
     "sigma0_forces": {"H": 0.05, "O": 0.1},
+    "floor_scale_energy": 0.9,
+    "floor_scale_atom": 0.8,
+    "floor_scale_forces": 0.7,
 }
 
 
@@ -249,7 +254,12 @@ def floored(tmp_path_factory):
 def test_checkpoint_and_export_keep_the_floors(floored, ethanol_frames):
     model = load_model(floored / "model.ckpt")
     assert model.noise_floors() == NoiseFloors(
-        energy=0.003, atom=0.02, forces={1: 0.05, 8: 0.1}
+        energy=0.003,
+        atom=0.02,
+        forces={1: 0.05, 8: 0.1},
+        energy_scale=0.9,
+        atom_scale=0.8,
+        forces_scale=0.7,
     )
     exported = load_exported(floored / "model.pt")
     frames = ethanol_frames[:3]
@@ -262,11 +272,14 @@ def test_checkpoint_and_export_keep_the_floors(floored, ethanol_frames):
     per_atom = outputs["energy_uncertainty"].block().values[:, 0]
     spread = raw.atomic.std(dim=1)
     torch.testing.assert_close(
-        per_atom, torch.sqrt((2.5 * spread) ** 2 + 0.02**2), rtol=1e-10, atol=1e-12
+        per_atom,
+        torch.sqrt((0.8 * 2.5 * spread) ** 2 + 0.02**2),
+        rtol=1e-10,
+        atol=1e-12,
     )
     totals, _ = run_model(exported, frames, {"energy_uncertainty": "system"})
-    members = outputs["energy_ensemble"].block().values
-    expected = torch.sqrt(members.std(dim=1) ** 2 + (9 * 0.003) ** 2)
+    members = outputs["energy_ensemble"].block().values  # stretched by alpha alone
+    expected = torch.sqrt((0.9 * members.std(dim=1)) ** 2 + (9 * 0.003) ** 2)
     torch.testing.assert_close(
         totals["energy_uncertainty"].block().values[:, 0], expected
     )
@@ -278,7 +291,7 @@ def test_checkpoint_and_export_keep_the_floors(floored, ethanol_frames):
         _, std, spread = route.forces_mean_std()
         floor = torch.where(route.numbers == 1, 0.05, 0.0)
         floor = torch.where(route.numbers == 8, 0.1, floor).unsqueeze(-1)
-        torch.testing.assert_close(std, torch.sqrt(spread**2 + floor**2))
+        torch.testing.assert_close(std, torch.sqrt((0.7 * spread) ** 2 + floor**2))
     torch.testing.assert_close(
         from_export.forces_mean_std()[1], calibrated.forces_mean_std()[1]
     )
@@ -291,16 +304,21 @@ def test_version_2_checkpoints_load_without_floors(floored):
     payload = read_checkpoint(floored / "model.ckpt")
     old = dict(payload, version=2, calibration=dict(FLOORS))
     old["state_dict"] = {
-        k: v for k, v in payload["state_dict"].items() if not k.startswith("sigma0")
+        k: v
+        for k, v in payload["state_dict"].items()
+        if not k.startswith(("sigma0", "floor_scale"))
     }
-    for key in ("sigma0_energy", "sigma0_atom", "sigma0_forces"):
-        del old["calibration"][key]
+    for key in FLOORS:
+        if not key.startswith("alpha"):
+            del old["calibration"][key]
     upgraded = upgrade_checkpoint(old)
     assert upgraded["version"] == 3
     assert upgraded["calibration"]["sigma0_forces"] == {}
     assert float(upgraded["state_dict"]["sigma0_atom"]) == 0.0
     assert not bool(upgraded["state_dict"]["sigma0_forces"].any())
     assert upgraded["state_dict"]["sigma0_forces"].shape == (119,)
+    assert float(upgraded["state_dict"]["floor_scale_forces"]) == 1.0
+    assert upgraded["calibration"]["floor_scale_atom"] == 1.0
 
 
 def read_structures_of(frames):

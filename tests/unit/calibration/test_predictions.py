@@ -229,6 +229,9 @@ def test_one_member_model_keeps_factors_of_one():
         "sigma0_energy": 0.0,
         "sigma0_atom": 0.0,
         "sigma0_forces": {},
+        "floor_scale_energy": 1.0,
+        "floor_scale_atom": 1.0,
+        "floor_scale_forces": 1.0,
     }
     report = evaluate_predictions(predictions)
     for values in report.values():

@@ -17,7 +17,7 @@ from shallow_ensemble.training import load_model, run_protocol, train
 
 
 #: buffers that the calibration sets after every stage
-CALIBRATION = ("alpha_", "sigma0_")
+CALIBRATION = ("alpha_", "sigma0_", "floor_scale_")
 
 
 @pytest.fixture(scope="module")

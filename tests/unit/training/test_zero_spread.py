@@ -64,29 +64,34 @@ def test_training_with_a_lone_atom_in_validation(data, tmp_path, noise_floor):
     calibrated = metrics["valid_calibrated"]
     model = load_model(result.checkpoint)
     assert float(model.alpha_forces) == pytest.approx(alphas["alpha_forces"])
-    if not noise_floor:
-        # the fitted factor is the alpha of the components with a spread
-        assert alphas["alpha_forces"] == pytest.approx(
-            uncalibrated["forces"]["alpha"], rel=1e-12
-        )
-        assert alphas["alpha_energy"] == pytest.approx(
-            uncalibrated["energy"]["alpha"], rel=1e-12
-        )
-        assert calibrated["forces"]["alpha"] == pytest.approx(1.0, rel=1e-9)
-        assert calibration["sigma0_forces"] == {}
-        return
-    # the joint NLL optimum has <z^2> = 1 over the components it was fitted on
-    assert calibrated["energy"]["alpha"] == pytest.approx(1.0, rel=1e-6)
-    floors = calibration["sigma0_forces"]
-    assert set(floors) <= {"H", "C", "O"}
-    assert all(math.isfinite(v) and v >= 0 for v in floors.values())
-    # the lone atom's components (no spread, no error) are left out of the fit, in
-    # the metrics they count with z = 0 if the H floor gives them an uncertainty
-    n_counted = n_forces - (0 if floors.get("H", 0.0) > 0 else 3)
-    assert calibrated["forces"]["alpha"] == pytest.approx(
-        math.sqrt((n_counted - 3 * (floors.get("H", 0.0) > 0)) / n_counted), rel=1e-6
+    # the factors that stretch the members are those of the components with a spread
+    assert alphas["alpha_forces"] == pytest.approx(
+        uncalibrated["forces"]["alpha"], rel=1e-12
     )
-    assert float(model.sigma0_forces[1]) == pytest.approx(floors.get("H", 0.0))
+    assert alphas["alpha_energy"] == pytest.approx(
+        uncalibrated["energy"]["alpha"], rel=1e-12
+    )
+    floors = calibration["sigma0_forces"]
+    if not floors:  # no floor (not asked for, or not kept)
+        assert calibration["floor_scale_forces"] == 1.0
+        assert calibrated["forces"]["alpha"] == pytest.approx(1.0, rel=1e-9)
+        return
+    assert noise_floor
+    assert set(floors) == {"H", "C", "O"}
+    assert all(math.isfinite(v) and v >= 0 for v in floors.values())
+    # the NLL optimum of the floor model has <z^2> = 1 over the components it was
+    # fitted on; the lone atom's components (no spread, no error) are left out of
+    # the fit, and count in the metrics with z = 0 if the H floor gives them an
+    # uncertainty
+    n_zero_z = 3 if floors["H"] > 0 else 0
+    n_counted = n_forces - (0 if n_zero_z else 3)
+    assert calibrated["forces"]["alpha"] == pytest.approx(
+        math.sqrt((n_counted - n_zero_z) / n_counted), rel=1e-6
+    )
+    assert float(model.sigma0_forces[1]) == pytest.approx(floors["H"])
+    assert float(model.floor_scale_forces) == pytest.approx(
+        calibration["floor_scale_forces"]
+    )
 
 
 def test_identical_heads_cannot_be_calibrated(data):
@@ -116,5 +121,8 @@ def test_one_member_model_is_not_a_collapsed_ensemble(data):
         "sigma0_energy": 0.0,
         "sigma0_atom": 0.0,
         "sigma0_forces": {},
+        "floor_scale_energy": 1.0,
+        "floor_scale_atom": 1.0,
+        "floor_scale_forces": 1.0,
     }
     assert set(evaluate_predictions(predictions)["forces"]) == {"rmse", "mae", "n"}
