@@ -172,6 +172,16 @@ def main() -> None:
     parser.add_argument(
         "--regularizer", default="auto", help="laplace.regularizer (auto, fit, value)"
     )
+    parser.add_argument(
+        "--forces-loss",
+        default="gaussian_nll_ensemble",
+        help="training.forces_loss of the fine-tune",
+    )
+    parser.add_argument(
+        "--energy-loss",
+        default="gaussian_nll_ensemble",
+        help="training.energy_loss of the fine-tune",
+    )
     parser.add_argument("--llpr-epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
@@ -245,7 +255,12 @@ def main() -> None:
                 "from_metatomic": str(out / "pet" / "pet.pt"),
                 "num_members": args.members,
             },
-            "training": {"strategy": "protocol", "batch_size": 8},
+            "training": {
+                "strategy": "protocol",
+                "batch_size": 8,
+                "forces_loss": args.forces_loss,
+                "energy_loss": args.energy_loss,
+            },
             "laplace": {"regularizer": args.regularizer},
             "protocol": {
                 "finetune_epochs": args.finetune_epochs,
@@ -255,7 +270,10 @@ def main() -> None:
         }
     )
     start = time.perf_counter()
-    ours = out / f"ours-{args.finetune_target}-{args.finetune_lr:g}"
+    losses = "" if args.forces_loss == "gaussian_nll_ensemble" else "-crps"
+    if args.energy_loss != "gaussian_nll_ensemble":
+        losses += "-energy-crps"
+    ours = out / f"ours-{args.finetune_target}-{args.finetune_lr:g}{losses}"
     result = run_protocol(config, ours, overwrite=True, progress=False)
     total = time.perf_counter() - start
     stages = result.info["stages"]
@@ -267,7 +285,8 @@ def main() -> None:
         ),
         (
             f"ours: laplace + finetune ({args.finetune_target}, "
-            f"{args.finetune_epochs} epochs, lr {args.finetune_lr:g})",
+            f"{args.finetune_epochs} epochs, lr {args.finetune_lr:g}"
+            f"{', ' + args.forces_loss if losses else ''})",
             result.checkpoint,
             total,
         ),
