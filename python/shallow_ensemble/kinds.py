@@ -36,6 +36,16 @@ if TYPE_CHECKING:
 NUM_ELEMENTS = 119
 #: buffers of the scales of the noise-floor model (1: no floor)
 FLOOR_SCALES = ("floor_scale_energy", "floor_scale_atom", "floor_scale_forces")
+#: every calibration buffer of a model kind, copied into the exported model
+CALIBRATION_BUFFERS = (
+    "alpha_energy",
+    "alpha_forces",
+    "alpha_atom",
+    "sigma0_energy",
+    "sigma0_atom",
+    "sigma0_forces",
+    *FLOOR_SCALES,
+)
 
 
 class UnknownKindError(ShallowEnsembleError, ValueError):
@@ -222,15 +232,7 @@ class ModelKind(torch.nn.Module):
         """This model's noise floors."""
         from .calibration.noise_floor import NoiseFloors
 
-        forces = self.sigma0_forces.detach().cpu()
-        return NoiseFloors(
-            energy=float(self.sigma0_energy),
-            atom=float(self.sigma0_atom),
-            forces={int(z): float(forces[z]) for z in torch.nonzero(forces).flatten()},
-            energy_scale=float(self.floor_scale_energy),
-            atom_scale=float(self.floor_scale_atom),
-            forces_scale=float(self.floor_scale_forces),
-        )
+        return NoiseFloors.from_buffers(self)
 
     # ------------------------------------------------------ what a kind implements --
     def hypers(self) -> dict[str, Any]:

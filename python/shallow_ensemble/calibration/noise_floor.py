@@ -13,6 +13,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -50,6 +51,21 @@ class NoiseFloors:
     """Scale of the calibrated per-atom spread in the floor model."""
     forces_scale: float = 1.0
     """Scale of the calibrated force spread in the floor model."""
+
+    @classmethod
+    def from_buffers(cls, module: Any) -> "NoiseFloors":
+        """The floors in the buffers of a model kind or an exported model
+        (``sigma0_energy``, ``sigma0_atom``, ``sigma0_forces`` by atomic number and
+        the ``floor_scale_*``)."""
+        forces = module.sigma0_forces.detach().cpu()
+        return cls(
+            energy=float(module.sigma0_energy),
+            atom=float(module.sigma0_atom),
+            forces={int(z): float(forces[z]) for z in torch.nonzero(forces).flatten()},
+            energy_scale=float(module.floor_scale_energy),
+            atom_scale=float(module.floor_scale_atom),
+            forces_scale=float(module.floor_scale_forces),
+        )
 
     def force_floor(self, numbers: torch.Tensor) -> torch.Tensor:
         """The force floor of each atom, ``(n_atoms,)`` float64, eV/Å."""

@@ -21,7 +21,7 @@ from metatomic.torch import (
     System,
 )
 
-from ..kinds import FLOOR_SCALES, ModelKind, calibrate_members
+from ..kinds import CALIBRATION_BUFFERS, ModelKind, calibrate_members
 
 
 REFERENCES = {
@@ -70,15 +70,7 @@ class ExportedEnsemble(torch.nn.Module):
         super().__init__()
         self.model = model.exported_module()
         self.num_members = model.num_members
-        for name in (
-            "alpha_energy",
-            "alpha_forces",
-            "alpha_atom",
-            "sigma0_energy",
-            "sigma0_atom",
-            "sigma0_forces",
-            *FLOOR_SCALES,
-        ):
+        for name in CALIBRATION_BUFFERS:
             self.register_buffer(name, getattr(model, name).detach().clone())
 
     def forward(

@@ -171,15 +171,6 @@ def predict_frames(
 def exported_floors(model: AtomisticModel) -> NoiseFloors:
     """The noise floors stored in an exported model (none for models exported
     before noise floors existed)."""
-    module = model.module
-    if not hasattr(module, "sigma0_forces"):
+    if not hasattr(model.module, "floor_scale_forces"):
         return NoiseFloors()
-    forces = module.sigma0_forces.detach().cpu()
-    return NoiseFloors(
-        energy=float(module.sigma0_energy),
-        atom=float(module.sigma0_atom),
-        forces={int(z): float(forces[z]) for z in torch.nonzero(forces).flatten()},
-        energy_scale=float(module.floor_scale_energy),
-        atom_scale=float(module.floor_scale_atom),
-        forces_scale=float(module.floor_scale_forces),
-    )
+    return NoiseFloors.from_buffers(model.module)

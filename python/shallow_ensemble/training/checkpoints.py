@@ -117,15 +117,9 @@ def _upgrade_2_to_3(payload: dict[str, Any]) -> dict[str, Any]:
         state[name] = torch.ones_like(zero)
     upgraded = {**payload, "version": 3, "state_dict": state}
     if isinstance(payload.get("calibration"), dict):
-        upgraded["calibration"] = {
-            "sigma0_energy": 0.0,
-            "sigma0_atom": 0.0,
-            "sigma0_forces": {},
-            "floor_scale_energy": 1.0,
-            "floor_scale_atom": 1.0,
-            "floor_scale_forces": 1.0,
-            **payload["calibration"],
-        }
+        from ..calibration.predictions import uncalibrated
+
+        upgraded["calibration"] = {**uncalibrated(), **payload["calibration"]}
     return upgraded
 
 
