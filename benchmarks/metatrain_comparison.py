@@ -182,6 +182,11 @@ def main() -> None:
         default="gaussian_nll_ensemble",
         help="training.energy_loss of the fine-tune",
     )
+    parser.add_argument(
+        "--pin-mean",
+        action="store_true",
+        help="training.pin_mean: keep the PET's energies as the ensemble mean",
+    )
     parser.add_argument("--llpr-epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
@@ -260,6 +265,7 @@ def main() -> None:
                 "batch_size": 8,
                 "forces_loss": args.forces_loss,
                 "energy_loss": args.energy_loss,
+                "pin_mean": args.pin_mean,
             },
             "laplace": {"regularizer": args.regularizer},
             "protocol": {
@@ -273,6 +279,12 @@ def main() -> None:
     losses = "" if args.forces_loss == "gaussian_nll_ensemble" else "-crps"
     if args.energy_loss != "gaussian_nll_ensemble":
         losses += "-energy-crps"
+    if args.pin_mean:
+        losses += "-pinned"
+    variant = ""
+    if args.forces_loss != "gaussian_nll_ensemble":
+        variant += f", {args.forces_loss}"
+    variant += ", mean pinned" if args.pin_mean else ""
     ours = out / f"ours-{args.finetune_target}-{args.finetune_lr:g}{losses}"
     result = run_protocol(config, ours, overwrite=True, progress=False)
     total = time.perf_counter() - start
@@ -285,8 +297,7 @@ def main() -> None:
         ),
         (
             f"ours: laplace + finetune ({args.finetune_target}, "
-            f"{args.finetune_epochs} epochs, lr {args.finetune_lr:g}"
-            f"{', ' + args.forces_loss if losses else ''})",
+            f"{args.finetune_epochs} epochs, lr {args.finetune_lr:g}{variant})",
             result.checkpoint,
             total,
         ),

@@ -12,6 +12,12 @@ approximation, which recentres its samples), the ensemble mean is exactly the or
 model's energy, composition baseline and additive terms included. Fine-tuning then
 trains the deviations (heads only) or also the wrapped TorchScript module's
 parameters (full) with the joint energy + force NLL.
+
+A full fine-tune moves the wrapped model, hence the mean. With ``pin_mean``
+(:py:meth:`ExtendedModel.freeze_mean`) a frozen copy of the wrapped model keeps
+giving :math:`e_i^0`, and the fine-tuned copy only gives the members' deviations,
+recentred on zero: the mean energy and forces stay exactly the original model's,
+and the exported model runs both copies.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -51,7 +57,12 @@ class ExtendedModel(ModelKind):
     kind = "metatomic"
     __jit_ignored_attributes__ = ["_batched_forces"]
 
-    def __init__(self, backbone: MetatomicModelBackbone, num_members: int) -> None:
+    def __init__(
+        self,
+        backbone: MetatomicModelBackbone,
+        num_members: int,
+        keep_mean: bool = False,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.atomic_types = list(backbone.atomic_types)
@@ -60,12 +71,40 @@ class ExtendedModel(ModelKind):
         self._batched_forces: bool | None = None
         for parameter in self.parameters():  # loaded TorchScript models are frozen
             parameter.requires_grad_(True)
+        # the frozen copy of the wrapped model that gives the mean (freeze_mean): a
+        # list of none or one module, as TorchScript has no optional submodules
+        self.originals = torch.nn.ModuleList()
+        if keep_mean:
+            self.freeze_mean()
 
     def forward(self, systems: list[System]) -> tuple[torch.Tensor, torch.Tensor]:
         """Uncalibrated per-atom member energies ``(n_atoms, n_members)``, eV, and
         the wrapped model's last-layer features ``(n_atoms, F)``."""
         features, base = self.backbone(systems)
-        return self.head(features, base), features
+        atomic = self.head(features, base)
+        for original in self.originals:
+            _, base = original(systems)
+            atomic = base.unsqueeze(-1) + atomic - atomic.mean(dim=1, keepdim=True)
+        return atomic, features
+
+    @torch.jit.unused
+    def freeze_mean(self) -> None:
+        """Keep the current mean energy exactly from now on: a frozen copy of the
+        wrapped model gives it, the trained copy only the members' deviations
+        (see the module documentation)."""
+        if len(self.originals) > 0:
+            return
+        backbone = self.backbone
+        original = MetatomicModelBackbone.from_bytes(
+            backbone.source, backbone.features_output, backbone.feature_size
+        )
+        original.load_state_dict(backbone.state_dict())
+        parameter = next(backbone.parameters(), None)
+        if parameter is not None:
+            original.to(dtype=parameter.dtype, device=parameter.device)
+        for parameter in original.parameters():
+            parameter.requires_grad_(False)
+        self.originals.append(original)
 
     @torch.jit.export
     def requested_neighbor_lists(self) -> list[NeighborListOptions]:
@@ -78,6 +117,7 @@ class ExtendedModel(ModelKind):
             "features_output": self.backbone.features_output,
             "feature_size": self.backbone.feature_size,
             "num_members": self.num_members,
+            "keep_mean": len(self.originals) > 0,
         }
 
     @classmethod
@@ -85,7 +125,9 @@ class ExtendedModel(ModelKind):
         wrapped = MetatomicModelBackbone.from_bytes(
             hypers["model_bytes"], hypers["features_output"], hypers["feature_size"]
         )
-        return cls(wrapped, int(hypers["num_members"]))
+        return cls(
+            wrapped, int(hypers["num_members"]), bool(hypers.get("keep_mean", False))
+        )
 
     def exported_module(self) -> torch.nn.Module:
         return self
@@ -168,6 +210,8 @@ class ExtendedModel(ModelKind):
                 batch, batch.positions, self.backbone.neighbor_options
             )
             features, base = self.backbone(systems)
+            for original in self.originals:  # the mean's model (freeze_mean)
+                _, base = original(systems)
         return self._design(features), base.double()
 
 

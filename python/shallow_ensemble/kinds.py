@@ -210,6 +210,11 @@ class ModelKind(torch.nn.Module):
             self.floor_scale_atom,
         )
 
+    def freeze_mean(self) -> None:
+        """Keep the ensemble's current mean energy exactly through a full fine-tune
+        (``pin_mean`` with ``finetune_target: full``). Kinds that cannot do it (the
+        default) only keep the mean head pinned, while the backbone moves."""
+
     def set_calibration(self, calibration: dict[str, Any]) -> None:
         """Set the calibration factors and noise floors from a dictionary of
         :py:func:`~shallow_ensemble.calibration.predictions.fit_calibration` (floors

@@ -275,9 +275,11 @@ def test_configuration_checks(tmp_path):
         )
 
 
-def test_protocol_heads_only_keeps_the_mean(base_file, structures, tmp_path):
-    """from_metatomic -> laplace -> heads-only fine-tune with the mean pinned: the
-    mean stays the original model's energy, the members move."""
+@pytest.mark.parametrize("target", ["heads", "full"])
+def test_protocol_with_pinned_mean_keeps_the_mean(base_file, tmp_path, target):
+    """from_metatomic -> laplace -> fine-tune with the mean pinned: the mean energies
+    and forces stay the original model's, the members move; with ``full`` the wrapped
+    model itself is trained too (a frozen copy gives the mean), also in the export."""
     import ase.io
 
     frames = ase.io.read(ETHANOL, ":24")
@@ -296,7 +298,7 @@ def test_protocol_heads_only_keeps_the_mean(base_file, structures, tmp_path):
                 "dtype": "float64",
                 "pin_mean": True,
             },
-            "protocol": {"finetune_epochs": 2, "finetune_target": "heads"},
+            "protocol": {"finetune_epochs": 2, "finetune_target": target},
         }
     )
     result = run_protocol(config, tmp_path / "run", progress=False)
@@ -304,13 +306,39 @@ def test_protocol_heads_only_keeps_the_mean(base_file, structures, tmp_path):
     laplace = load_model(tmp_path / "run" / "2-laplace" / "model.ckpt")
     final = load_model(result.checkpoint)
     assert isinstance(final, ExtendedModel) and final.num_members == 4
+    assert len(final.originals) == (1 if target == "full" else 0)
+    moved = [
+        float((a - b).detach().abs().max())
+        for a, b in zip(
+            laplace.backbone.parameters(), final.backbone.parameters(), strict=True
+        )
+    ]
+    assert (max(moved) > 1e-8) == (target == "full")
     cutoff = laplace.backbone.cutoff
     batch = collate(GraphDataset(read_structures(ETHANOL)[30:34], cutoff).graphs)
-    before = laplace.predict(batch).energies
-    after = final.predict(batch).energies
-    assert (after - before).abs().max() > 1e-6  # the heads were trained
-    torch.testing.assert_close(after.mean(dim=1), before.mean(dim=1), rtol=0, atol=1e-9)
+    before = laplace.predict(batch, forces="members")
+    after = final.predict(batch, forces="members")
+    assert (after.energies - before.energies).abs().max() > 1e-6  # members trained
+    assert (after.forces - before.forces).abs().max() > 1e-6
+    torch.testing.assert_close(
+        after.energies.mean(dim=1), before.energies.mean(dim=1), rtol=0, atol=1e-9
+    )
+    torch.testing.assert_close(
+        after.forces.mean(dim=0), before.forces.mean(dim=0), rtol=0, atol=1e-9
+    )
     assert 0 < result.calibration["alpha_forces"] < 1e3
+    # the exported model gives the same mean energy
+    path = export_model(final, tmp_path / "final.pt")
+    outputs, _ = run_model(load_exported(path), frames[:2], {"energy": "system"})
+    with torch.no_grad():
+        expected = final.predict(
+            collate(
+                GraphDataset(read_structures(tmp_path / "train.xyz")[:2], cutoff).graphs
+            )
+        ).energies.mean(dim=1)
+    torch.testing.assert_close(
+        outputs["energy"].block().values[:, 0], expected, rtol=1e-10, atol=1e-8
+    )
 
 
 def test_example_configuration_through_the_command_line(base_file, tmp_path, capsys):

@@ -184,7 +184,11 @@ class TrainingConfig:
     finetune_target: Target = "full"
     """``finetune``: train the ``full`` model (recommended) or the ``heads`` only."""
     pin_mean: bool = False
-    """``finetune``: keep the mean of the heads fixed while the members spread."""
+    """``finetune``: keep the mean of the heads fixed while the members spread. With
+    ``finetune_target: full`` on an extended metatomic model (kind ``metatomic``),
+    keep the wrapped model's energies and forces exactly as the mean: a frozen copy
+    gives the mean, the fine-tuned copy the members' deviations (the exported model
+    runs both)."""
     random_heads_std: float = 0.5
     """``random_heads``: spread of the heads around the trained one, relative to the
     root mean square of its weights."""

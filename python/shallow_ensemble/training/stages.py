@@ -348,6 +348,8 @@ def start_model(context: Context) -> ModelKind:
     if stage.start == "stack":
         return _stack(context)
     model = _load_source(context)
+    if stage.pin_mean and stage.trainable == "full":
+        model.freeze_mean()
     if stage.start == "laplace":
         lp = config.laplace
         fit = initialization.laplace_heads(
