@@ -174,7 +174,7 @@ def _minimise_floor_nll(
     b0 = torch.zeros(n_groups, dtype=torch.float64)
     if not bool(free.any()):
         # no floor: the closed form of fit_alpha
-        return float(torch.mean(err2 / var)), b0
+        return float(torch.mean(err2 / var)) if alpha2 is None else alpha2, b0
     # start: alpha from the components with spread; each floor at the mean squared
     # error of its group's components without spread, or a tenth of its group's
     for k in range(n_groups):
@@ -301,17 +301,17 @@ def select_noise_floor(
     folds = folds.detach().flatten().to(torch.long)
     if folds.shape != data.e2.shape:
         raise CalibrationError("`folds` must have one entry per component")
+    plain = data.fit_plain()
     fold_ids = torch.unique(folds).tolist()
     if len(fold_ids) < 2:
         floor_nll = 0.0
-        plain_nll = data.total_nll(data.fit_plain(), [0.0] * n_groups)
+        plain_nll = data.total_nll(plain, [0.0] * n_groups)
     else:
         floor_nll = plain_nll = 0.0
         for k in fold_ids:
             train, test = data.subset(folds != k), data.subset(folds == k)
             floor_nll += test.total_nll(*train.fit_floor_or_inf(n_groups))
             plain_nll += test.total_nll(train.fit_plain(), [0.0] * n_groups)
-    plain = data.fit_plain()
     if not floor_nll < plain_nll:
         return plain, [0.0] * n_groups
     alpha, floors = data.fit_floor(n_groups)
@@ -319,12 +319,18 @@ def select_noise_floor(
         return alpha, floors
     # the floor would replace the ensemble's spread: keep the spread, and a floor
     # only where one is needed, fitted at the factor alone
+    informative = data.subset((data.var > 0) | (data.e2 > 0))
     needed = torch.zeros(n_groups, dtype=torch.bool)
-    needed[data.groups[(data.var == 0) & (data.e2 > 0)]] = True
+    needed[informative.groups[informative.var == 0]] = True
     if not bool(needed.any()):
         return plain, [0.0] * n_groups
     _, b = _minimise_floor_nll(
-        data.e2, data.var, data.w2, data.groups, needed, alpha2=plain**2
+        informative.e2,
+        informative.var,
+        informative.w2,
+        informative.groups,
+        needed,
+        alpha2=plain**2,
     )
     return plain, [math.sqrt(float(x)) for x in b]
 

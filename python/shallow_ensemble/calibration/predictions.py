@@ -10,7 +10,7 @@ from ..errors import CalibrationError
 from ..kinds import ModelKind
 from ..losses import voigt
 from .metrics import mae, rmse, summary
-from .noise_floor import NoiseFloors, select_noise_floor
+from .noise_floor import NoiseFloors, floored_std, select_noise_floor
 from .recalibrate import fit_alpha, stretch_members
 
 
@@ -84,9 +84,8 @@ class EnsemblePredictions:
         :py:class:`NoiseFloors`) and the member spread alone, each
         ``(n_structures,)``, eV."""
         mean, std = mean_std(self.energies, 1)
-        floor = self.n_atoms.to(torch.float64) * self.floors.energy
-        scale = self.floors.energy_scale
-        return mean, torch.sqrt((scale * std) ** 2 + floor**2), std
+        floors, n_atoms = self.floors, self.n_atoms.to(torch.float64)
+        return mean, floored_std(std, floors.energy_scale, floors.energy, n_atoms), std
 
     def forces_mean_std(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Force components: ensemble mean, uncertainty (member spread with the
@@ -94,11 +93,11 @@ class EnsemblePredictions:
         ``(n_atoms, 3)``, eV/Å."""
         assert self.forces is not None, "these predictions have no forces"
         mean, std = mean_std(self.forces, 0)
-        if not self.floors.forces:
-            return mean, self.floors.forces_scale * std, std
-        floor = self.floors.force_floor(self._numbers()).unsqueeze(-1)
-        scale = self.floors.forces_scale
-        return mean, torch.sqrt((scale * std) ** 2 + floor**2), std
+        floors = self.floors
+        floor: torch.Tensor | float = 0.0  # without floors, no atomic numbers needed
+        if floors.forces:
+            floor = floors.force_floor(self._numbers()).unsqueeze(-1)
+        return mean, floored_std(std, floors.forces_scale, floor), std
 
     def _numbers(self) -> torch.Tensor:
         if self.numbers is None:

@@ -174,7 +174,10 @@ class Objective:
         the backbone frozen, for a ``heads`` trainable set)."""
         heads = list(model.head.parameters())
         head_ids = {id(p) for p in heads}
-        backbone = [p for p in model.parameters() if id(p) not in head_ids]
+        # parameters frozen by the model itself (freeze_mean's copy) are left out
+        backbone = [
+            p for p in model.parameters() if id(p) not in head_ids and p.requires_grad
+        ]
         groups = [
             {"params": backbone, "lr": self.stage.learning_rate},
             {"params": heads, "lr": self.stage.heads_learning_rate},
