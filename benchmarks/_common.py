@@ -8,6 +8,8 @@ from pathlib import Path
 
 from shallow_ensemble.calibration.predictions import (
     evaluate_predictions,
+    fit_calibration,
+    noise_floors,
     predict_dataset,
 )
 from shallow_ensemble.config import config_from_dict
@@ -139,16 +141,33 @@ def calibrate(model, raw):
     )
 
 
-def test_metrics(config, folder: Path) -> dict:
-    """Test-set metrics of a stage's model, before and after its recalibration."""
+def test_metrics(config, folder: Path, recalibrate: bool = False) -> dict:
+    """Test-set metrics of a stage's model, before and after its recalibration.
+
+    ``recalibrate``: fit the calibration anew on the validation set with this
+    version's code, as training would now (a stage trained by an older version keeps
+    its weights); the result has it under ``calibration``."""
     model = load_model(folder / "model.ckpt")
     sets = load_structures(config)
     check_disjoint(sets)
+    batch_size = config.training.batch_size
     dataset = GraphDataset(sets["test"], model.cutoff)
-    raw = predict_dataset(model, dataset, config.training.batch_size)
-    calibrated = calibrate(model, raw)
+    raw = predict_dataset(model, dataset, batch_size)
+    result: dict = {"sizes": {k: len(v) for k, v in sets.items()}}
+    if recalibrate and config.calibration.enabled:
+        valid = GraphDataset(sets["valid"], model.cutoff)
+        fit = fit_calibration(
+            predict_dataset(model, valid, batch_size),
+            noise_floor=config.calibration.noise_floor,
+        )
+        calibrated = raw.calibrated(
+            fit["alpha_energy"], fit["alpha_forces"], noise_floors(fit)
+        )
+        result["calibration"] = fit
+    else:
+        calibrated = calibrate(model, raw)
     return {
-        "sizes": {k: len(v) for k, v in sets.items()},
+        **result,
         "raw": evaluate_predictions(raw),
         "calibrated": evaluate_predictions(calibrated),
     }

@@ -24,7 +24,9 @@ on) and a summary line starting with ``protocols:``.
 
 ``--frames N`` trains on a random subset of N frames of the file (the same subset
 for every repeat; the repeats split it differently). Stages whose folder holds a
-finished model of the same configuration are reused with ``--reuse``.
+finished model of the same configuration are reused with ``--reuse``;
+``--recalibrate`` then refits their calibration with the current code (e.g. after a
+change of the calibration, without retraining).
 """
 
 import argparse
@@ -159,7 +161,7 @@ def run_repeat(args, root: Path, run: set[str]) -> dict:
             "total_epochs": epochs,
             "median_epoch_seconds": metrics["median_epoch_seconds"],
             "calibration": metrics["calibration"],
-            **test_metrics(config, folder),
+            **test_metrics(config, folder, args.recalibrate),
         }
         print(f"  done {name}: {own:.0f} s", flush=True)
     return results
@@ -234,6 +236,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--output", required=True, help="folder for all runs")
     parser.add_argument("--reuse", action="store_true", help="reuse finished stages")
+    parser.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="refit each model's calibration on its validation set with this "
+        "version's code before scoring (with --reuse: stages trained by an older "
+        "version keep their weights)",
+    )
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

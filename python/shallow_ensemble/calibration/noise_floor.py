@@ -168,28 +168,66 @@ def _minimise_floor_nll(
 ) -> tuple[float, torch.Tensor]:
     """``alpha^2`` and the squared floors minimising :py:func:`_floor_nll`, the
     floors of the groups not ``free`` held at zero (L-BFGS on their logarithms, then
-    Newton steps); ``alpha2`` given: ``alpha^2`` held at that value."""
+    Newton steps); ``alpha2`` given: ``alpha^2`` held at that value.
+
+    The NLL is not convex in these parameters: a start where the floor explains
+    everything can end in a local minimum with ``alpha`` near zero while the global
+    one has a small floor. So the descent runs from a few starts and the lowest NLL
+    wins: ``alpha^2`` at the mean and at the median of ``err2 / var`` (the mean is
+    ruled by the components with the least spread), each floor at the mean squared
+    error of its group's components without spread, or at a tenth and at a
+    thousandth of its group's mean squared error."""
     n_groups = free.shape[0]
     spread = var > 0
-    b0 = torch.zeros(n_groups, dtype=torch.float64)
     if not bool(free.any()):
         # no floor: the closed form of fit_alpha
+        b0 = torch.zeros(n_groups, dtype=torch.float64)
         return float(torch.mean(err2 / var)) if alpha2 is None else alpha2, b0
-    # start: alpha from the components with spread; each floor at the mean squared
-    # error of its group's components without spread, or a tenth of its group's
-    for k in range(n_groups):
-        in_k = groups == k
-        if bool(free[k]):
-            flat = in_k & ~spread
-            pick, share = (flat, 1.0) if bool(flat.any()) else (in_k, 0.1)
-            b0[k] = share * float(torch.mean(err2[pick] / weight2[pick]))
-    a0 = float(torch.mean(err2[spread] / var[spread])) if alpha2 is None else alpha2
+    if alpha2 is not None:
+        a_starts = [alpha2]
+    else:
+        ratio = err2[spread] / var[spread]
+        a_starts = [float(torch.mean(ratio)), float(torch.median(ratio))]
+    b_starts = []
+    for share in (1e-1, 1e-3):
+        b0 = torch.zeros(n_groups, dtype=torch.float64)
+        for k in range(n_groups):
+            in_k = groups == k
+            if bool(free[k]):
+                flat = in_k & ~spread
+                pick, scale = (flat, 1.0) if bool(flat.any()) else (in_k, share)
+                b0[k] = scale * float(torch.mean(err2[pick] / weight2[pick]))
+        b_starts.append(b0)
+    best: tuple[float, torch.Tensor, float] | None = None
+    for a0 in a_starts:
+        for b0 in b_starts:
+            a, b = _descend(err2, var, weight2, groups, free, a0, b0, alpha2 is None)
+            nll = float(_floor_nll(err2, var, weight2, groups, a, b))
+            if best is None or nll < best[2]:
+                best = (a, b, nll)
+    assert best is not None
+    return best[0], best[1]
+
+
+def _descend(
+    err2: torch.Tensor,
+    var: torch.Tensor,
+    weight2: torch.Tensor,
+    groups: torch.Tensor,
+    free: torch.Tensor,
+    a0: float,
+    b0: torch.Tensor,
+    free_alpha: bool,
+) -> tuple[float, torch.Tensor]:
+    """One descent of :py:func:`_minimise_floor_nll` from ``alpha^2 = a0`` and the
+    squared floors ``b0`` (``alpha^2`` held at ``a0`` unless ``free_alpha``)."""
+    n_groups = free.shape[0]
     log_a = torch.tensor(math.log(max(a0, 1e-300)), dtype=torch.float64)
     log_b = torch.log(b0[free].clamp(min=1e-300))
-    log_a.requires_grad_(alpha2 is None)
+    log_a.requires_grad_(free_alpha)
     log_b.requires_grad_(True)
     optimizer = torch.optim.LBFGS(
-        [log_a, log_b] if alpha2 is None else [log_b],
+        [log_a, log_b] if free_alpha else [log_b],
         lr=1.0,
         max_iter=1000,
         tolerance_grad=1e-14,
@@ -210,12 +248,12 @@ def _minimise_floor_nll(
         return loss
 
     optimizer.step(closure)
-    if alpha2 is not None:
+    if not free_alpha:
         theta = _newton(
-            lambda t: _floor_nll(err2, var, weight2, groups, alpha2, floors(t)),
+            lambda t: _floor_nll(err2, var, weight2, groups, a0, floors(t)),
             log_b.detach(),
         )
-        return alpha2, floors(theta)
+        return a0, floors(theta)
     theta = _newton(
         lambda t: _floor_nll(
             err2, var, weight2, groups, torch.exp(t[0]), floors(t[1:])
@@ -280,9 +318,15 @@ def select_noise_floor(
     r""":py:func:`fit_noise_floor` where a floor predicts held-out data better than
     the factor alone, else the factor alone.
 
-    The two models are compared by their cross-validated Gaussian NLL: each fold of
-    ``folds`` (e.g. the structure's index modulo 5, so that the components of a
-    structure stay together) is predicted by the model fitted on the other folds.
+    Three models are compared by their cross-validated Gaussian NLL: the factor
+    alone, one floor shared by all groups, and one floor per group (the latter two
+    only differ with several groups); each fold of ``folds`` (e.g. the structure's
+    index modulo 5, so that the components of a structure stay together) is predicted
+    by the model fitted on the other folds, and the lowest total wins (ties go to the
+    simpler model). A shared floor is what a group needs whose few components
+    without spread all fall into one fold: fitted per group on the other folds, its
+    floor is zero, and one such component held out costs more than all the others
+    gain.
     With a few validation structures, a floor fitted on them can swallow the ensemble
     (``alpha`` near zero: the same uncertainty everywhere); held out, it survives only
     if the data support it. The chosen model is then fitted on all the data. Where a
@@ -303,18 +347,20 @@ def select_noise_floor(
         raise CalibrationError("`folds` must have one entry per component")
     plain = data.fit_plain()
     fold_ids = torch.unique(folds).tolist()
-    if len(fold_ids) < 2:
-        floor_nll = 0.0
-        plain_nll = data.total_nll(plain, [0.0] * n_groups)
+    models = ["plain", "shared", "per group"] if n_groups > 1 else ["plain", "floor"]
+    if len(fold_ids) < 2:  # no held-out data: a floor only where one is needed
+        models = ["plain", models[-1]]
+        nll = [data.total_nll(plain, [0.0] * n_groups), 0.0]
     else:
-        floor_nll = plain_nll = 0.0
+        nll = [0.0] * len(models)
         for k in fold_ids:
             train, test = data.subset(folds != k), data.subset(folds == k)
-            floor_nll += test.total_nll(*train.fit_floor_or_inf(n_groups))
-            plain_nll += test.total_nll(train.fit_plain(), [0.0] * n_groups)
-    if not floor_nll < plain_nll:
+            for i, name in enumerate(models):
+                nll[i] += test.total_nll(*train.fit_model(name, n_groups))
+    best = min(range(len(models)), key=lambda i: (nll[i], i))
+    if models[best] == "plain":
         return plain, [0.0] * n_groups
-    alpha, floors = data.fit_floor(n_groups)
+    alpha, floors = data.fit_model(models[best], n_groups, strict=True)
     if data.ensemble_share(alpha, floors) >= MIN_ENSEMBLE_SHARE:
         return alpha, floors
     # the floor would replace the ensemble's spread: keep the spread, and a floor
@@ -406,11 +452,28 @@ class _Components:
             a, b = _minimise_floor_nll(e2, var, w2, g, free)
         return math.sqrt(a), [math.sqrt(float(x)) for x in b]
 
-    def fit_floor_or_inf(self, n_groups: int) -> tuple[float, list[float]]:
-        """:py:meth:`fit_floor`; an infinite factor if it cannot be fitted."""
+    def fit_model(
+        self, name: str, n_groups: int, strict: bool = False
+    ) -> tuple[float, list[float]]:
+        """The factor and floors of one of the models that
+        :py:func:`select_noise_floor` compares: ``plain`` (the factor alone),
+        ``shared`` (one floor for all groups), ``floor`` or ``per group`` (one floor
+        per group); an infinite factor where it cannot be fitted, unless
+        ``strict``."""
+        if name == "plain":
+            return self.fit_plain(), [0.0] * n_groups
         try:
+            if name == "shared":
+                pooled = self.subset(torch.ones_like(self.groups, dtype=torch.bool))
+                pooled.groups = torch.zeros_like(self.groups)
+                alpha, (floor,) = pooled.fit_floor(1)
+                present = torch.zeros(n_groups, dtype=torch.bool)
+                present[self.groups] = True
+                return alpha, [floor if bool(p) else 0.0 for p in present]
             return self.fit_floor(n_groups)
         except CalibrationError:
+            if strict:
+                raise
             return math.inf, [0.0] * n_groups
 
     def fit_plain(self) -> float:

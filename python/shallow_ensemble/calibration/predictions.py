@@ -307,7 +307,9 @@ def fit_calibration(
     (``sigma0_energy``, eV/atom, ``floor_scale_energy``), the per-atom energy
     uncertainty (``sigma0_atom``, eV, ``floor_scale_atom``; a structure's variance is
     the sum over its atoms) and the force components of each element
-    (``sigma0_forces``, eV/Å by element symbol, ``floor_scale_forces``). A floor is
+    (``sigma0_forces``, eV/Å by element symbol, ``floor_scale_forces``; one floor per
+    element, or the same floor for all, whichever predicts held-out structures
+    better). A floor is
     kept only if it lowers the NLL of held-out structures
     (:py:func:`~shallow_ensemble.calibration.noise_floor.select_noise_floor`,
     :py:data:`NOISE_FLOOR_FOLDS` folds); otherwise its scale is 1 and its floor 0. A

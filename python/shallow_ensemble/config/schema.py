@@ -238,11 +238,11 @@ class CalibrationConfig:
     noise_floor: bool = True
     """Also fit a noise floor model on the validation set, sigma^2 = (floor_scale *
     sigma_cal)^2 + sigma_0^2 with sigma_cal the calibrated member spread (per atom for
-    energies, per element for force components), kept where it lowers the
-    cross-validated NLL: components the members all predict alike (atoms on
-    high-symmetry sites, atoms without neighbours) get an uncertainty, and no longer
-    inflate the others. The members keep the factors alone. ``false``: the factors
-    alone."""
+    energies; for force components one floor per element or one for all elements),
+    kept where it lowers the cross-validated NLL: components the members all predict
+    alike (atoms on high-symmetry sites, atoms without neighbours) get an
+    uncertainty, and no longer inflate the others. The members keep the factors
+    alone. ``false``: the factors alone."""
 
 
 @dataclass(frozen=True, kw_only=True)

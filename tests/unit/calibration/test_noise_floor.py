@@ -150,6 +150,50 @@ def test_a_floor_never_replaces_the_ensemble_spread():
     assert floors[1] == pytest.approx(float(y[:50].pow(2).mean().sqrt()), rel=1e-8)
 
 
+def test_the_fit_escapes_the_minimum_where_the_floor_explains_everything():
+    # a few components with almost no spread and an error make the mean of
+    # e^2/sigma^2 huge; started there, the descent ended at alpha ~ 1e-10 with the
+    # floor explaining all errors. The true scale 1 and floor 0.01 must be found.
+    n = 3000
+    mean = torch.zeros(n, dtype=DTYPE)
+    std = torch.exp(_random(n, seed=11)) * torch.where(torch.arange(n) < 2000, 0.01, 1)
+    std[2000:2030:5] = 1e-9
+    y = torch.sqrt(std**2 + 0.01**2) * _random(n, seed=12)
+    alpha, (floor,) = fit_noise_floor(y, mean, std)
+    assert alpha == pytest.approx(1.0, rel=0.03)
+    assert floor == pytest.approx(0.01, rel=0.03)
+    assert _nll(y, mean, floored_std(std, alpha, floor)) <= _nll(
+        y, mean, floored_std(std, 1.0, 0.01)
+    )
+
+
+def test_a_shared_floor_serves_a_group_whose_few_flat_components_are_held_out():
+    # both groups have errors with a floor of 0.01; group 1 has a larger spread except
+    # on 6 components, all in fold 0: fitted on the other folds, a floor of its own
+    # is zero and those components cost more than everything else gains, while one
+    # floor for both groups (fitted mostly on group 0) covers them
+    n = 3000
+    folds = torch.arange(n) % 5
+    mean = torch.zeros(n, dtype=DTYPE)
+    groups = (torch.arange(n) >= 2000).long()
+    std = torch.exp(_random(n, seed=11)) * torch.where(groups == 0, 0.01, 1.0)
+    flat = torch.arange(2000, 2030, 5)  # fold 0
+    std[flat] = 1e-9
+    y = torch.sqrt(std**2 + 0.01**2) * _random(n, seed=12)
+    per_group = fit_noise_floor(y, mean, std, groups=groups, n_groups=2)
+    assert per_group[1][0] != per_group[1][1]
+    alpha, floors = select_noise_floor(y, mean, std, folds, groups=groups, n_groups=2)
+    assert (alpha, floors) == fit_noise_floor(y, mean, std)[:1] + (
+        [fit_noise_floor(y, mean, std)[1][0]] * 2,
+    )
+    assert floors[0] == floors[1] == pytest.approx(0.01, rel=0.1)
+    # where the groups' floors differ and every fold shows it: one floor per group
+    y = torch.sqrt(std**2 + torch.where(groups == 0, 0.01, 0.5) ** 2) * _random(n, 13)
+    assert select_noise_floor(
+        y, mean, std, folds, groups=groups, n_groups=2
+    ) == fit_noise_floor(y, mean, std, groups=groups, n_groups=2)
+
+
 def _t(values):
     return torch.tensor(values, dtype=DTYPE)
 
