@@ -191,6 +191,46 @@ def energy_nll(
     return gaussian_nll(y, mean, var, var_floor=var_floor)
 
 
+def mean_squared_z(
+    target: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    var_floor: float = DEFAULT_VARIANCE_FLOOR,
+) -> torch.Tensor:
+    r""":math:`\langle (y - \mu)^2 / \sigma^2 \rangle`, with :math:`\sigma^2`
+    clamped as in :py:func:`gaussian_nll`: the square of the factor alpha that
+    calibrates these predictions. The NLL at that factor is the NLL minus
+    :math:`\frac{1}{2} (z^2 - 1 - \log z^2)`, what a global recalibration removes.
+
+    :return: scalar, dimensionless
+    """
+    _check_same_shape(target=target, mean=mean, var=var)
+    var = torch.clamp(var, min=var_floor)
+    return torch.mean((target - mean) ** 2 / var)
+
+
+def energy_mean_squared_z(
+    member_energies: torch.Tensor,
+    target: torch.Tensor,
+    n_atoms: torch.Tensor,
+    var_floor: float = DEFAULT_VARIANCE_FLOOR,
+) -> torch.Tensor:
+    """:py:func:`mean_squared_z` of the per-atom energies of :py:func:`energy_nll`."""
+    y, mean, var = _per_atom_energy_stats(member_energies, target, n_atoms)
+    return mean_squared_z(y, mean, var, var_floor=var_floor)
+
+
+def force_mean_squared_z(
+    member_forces: torch.Tensor,
+    target: torch.Tensor,
+    var_floor: float = DEFAULT_VARIANCE_FLOOR,
+) -> torch.Tensor:
+    """:py:func:`mean_squared_z` of the force components of :py:func:`force_nll`."""
+    _check_member_forces(member_forces, target)
+    mean, var = ensemble_mean_var(member_forces, dim=0)
+    return mean_squared_z(target, mean, var, var_floor=var_floor)
+
+
 def energy_crps(
     member_energies: torch.Tensor,
     target: torch.Tensor,

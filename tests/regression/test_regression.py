@@ -18,21 +18,21 @@ from shallow_ensemble.training import train
 
 
 INITIAL = [-0.7277127200656548, -3.71536303410726, -1.018203285384741]
-TRAINED_MEMBERS = [-4209.479453320747, -4209.56483279677, -4209.711663814935]
+TRAINED_MEMBERS = [-4209.502715120798, -4209.573133956481, -4209.696265155406]
 TRAINED_CALIBRATION = {
-    "alpha_energy": 2.0383529841149852,
-    "alpha_forces": 24.798906592697655,
-    "alpha_atom": 4.4351448752786355,
+    "alpha_energy": 2.5572575084668623,
+    "alpha_forces": 28.501931920854144,
+    "alpha_atom": 4.849599884246488,
     "sigma0_energy": 0.0,
     "sigma0_atom": 0.0,
     "sigma0_forces": {
-        "H": 0.5522183668176943,
-        "C": 1.4730458147187953,
-        "O": 0.9452014723963139,
+        "H": 0.5512865252319701,
+        "C": 1.45043751371132,
+        "O": 0.9453116865778403,
     },
     "floor_scale_energy": 1.0,
     "floor_scale_atom": 1.0,
-    "floor_scale_forces": 0.20890827208372748,
+    "floor_scale_forces": 0.2211021792731943,
 }
 
 

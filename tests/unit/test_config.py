@@ -525,6 +525,7 @@ def test_choices_are_declared_as_literal_types():
         "training.forces_loss",
         "training.finetune_target",
         "training.dtype",
+        "training.select_epoch",
         "laplace.regularizer",
         "laplace.features",
         "protocol.first",

@@ -194,6 +194,14 @@ class TrainingConfig:
     root mean square of its weights."""
     grad_clip: float = 10.0
     """Clip the gradient norm to this value (0 disables)."""
+    select_epoch: Literal["calibrated_nll", "loss"] = "calibrated_nll"
+    """How the kept model (``best.ckpt``, then ``model.ckpt``) is chosen among the
+    epochs of a probabilistic stage: ``calibrated_nll``, the validation loss with each
+    Gaussian NLL term at the value it has after the calibration that follows
+    training (the NLL at the NLL-optimal global factor: an ensemble that is right but
+    too confident, as the energy NLL makes it on a small training set, is not
+    penalised for what the calibration fixes); ``loss``, the validation loss itself.
+    The MSE warm-up and MSE stages use the loss."""
     seed: int = 0
     """Seed for initialisation and shuffling."""
     dtype: Literal["float32", "float64"] = "float32"

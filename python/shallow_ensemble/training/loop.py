@@ -55,7 +55,7 @@ def _validation_loss(
     for loaded in load_batches(dataset, workers.shard(batches)):
         assert loaded is not None, "a validation batch has structures"
         batch = loaded.to(device=device, dtype=dtype)
-        result = objective.loss(model, batch, epoch)
+        result = objective.loss(model, batch, epoch, z2=True)
         total = total + result.total.detach().to(torch.float64) * batch.n_systems
         weight += batch.n_systems
         for key, part in result.parts.items():
@@ -266,9 +266,10 @@ def run_epochs(
         ) != objective.in_warmup(epoch)
         if best_epoch is None or phase_changed:
             best, best_epoch = math.inf, None
-        is_best = best_epoch is None or valid_loss < best
+        score = objective.selection_score(valid_loss, parts, epoch)
+        is_best = best_epoch is None or score < best
         if is_best:
-            best, best_epoch = valid_loss, epoch
+            best, best_epoch = score, epoch
         if workers.is_main:
             _write_log(outdir / "log.csv", history)
             if is_best:

@@ -42,6 +42,7 @@ stage, :py:func:`start_model` builds its model.
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -216,9 +217,12 @@ class Objective:
         """Whether ``epoch`` (from 0) trains the MSE warm-up."""
         return self.stage.probabilistic and epoch < self.stage.warmup_epochs
 
-    def loss(self, model: ModelKind, batch: Batch, epoch: int) -> LossParts:
+    def loss(
+        self, model: ModelKind, batch: Batch, epoch: int, z2: bool = False
+    ) -> LossParts:
         """The loss of ``batch`` at ``epoch`` (the warm-up's MSE, or the
-        objective's)."""
+        objective's); ``z2``: also the mean squared z-scores of its Gaussian NLL
+        terms (parts ``energy_z2``, ``forces_z2``; see :py:meth:`selection_score`)."""
         warmup = self.in_warmup(epoch)
         members = self.stage.objective == "energy_force_nll" and not warmup
         stress = batch.stress is not None and self.training.stress_weight > 0
@@ -232,19 +236,62 @@ class Objective:
             return self._mse(prediction, batch)
         energy = self._energy_term(prediction, batch)
         if self.stage.objective == "energy_nll":
-            return self._combine(
+            result = self._combine(
                 energy,
                 self._forces_mse(prediction, batch),
                 self._stress_term("mse", prediction, batch),
             )
-        name = self.training.forces_loss
-        assert prediction.forces is not None, "the loss asked for forces"
-        forces = losses.get_force_loss(name)(prediction.forces, batch.forces)
-        return self._combine(
-            energy,
-            (f"forces_{loss_term(name)}", forces),
-            self._stress_term(name, prediction, batch),
-        )
+        else:
+            name = self.training.forces_loss
+            assert prediction.forces is not None, "the loss asked for forces"
+            forces = losses.get_force_loss(name)(prediction.forces, batch.forces)
+            result = self._combine(
+                energy,
+                (f"forces_{loss_term(name)}", forces),
+                self._stress_term(name, prediction, batch),
+            )
+        if z2:
+            result.parts.update(self._z2(prediction, batch))
+        return result
+
+    def _z2(self, prediction: Prediction, batch: Batch) -> dict[str, torch.Tensor]:
+        """Mean squared z-scores of the Gaussian NLL terms of a probabilistic loss."""
+        parts: dict[str, torch.Tensor] = {}
+        gaussian = "gaussian_nll_ensemble"
+        with torch.no_grad():
+            if self.training.energy_loss == gaussian:
+                assert batch.energy is not None, "training data have energies"
+                parts["energy_z2"] = losses.energy_mean_squared_z(
+                    prediction.energies.detach(), batch.energy, batch.n_atoms
+                )
+            trains_forces = self.stage.objective == "energy_force_nll"
+            if trains_forces and self.training.forces_loss == gaussian:
+                assert prediction.forces is not None and batch.forces is not None
+                parts["forces_z2"] = losses.force_mean_squared_z(
+                    prediction.forces.detach(), batch.forces
+                )
+        return parts
+
+    def selection_score(
+        self, loss: float, parts: dict[str, float], epoch: int
+    ) -> float:
+        r"""What the best epoch minimises: the validation ``loss``, or with
+        ``training.select_epoch: calibrated_nll`` the loss with each Gaussian NLL
+        term at its calibrated value: the term minus
+        :math:`\frac{1}{2} (z^2 - 1 - \log z^2)`, its NLL after the global factor
+        that the calibration fits (``parts``: the validation parts of
+        :py:meth:`loss` with ``z2``). An ensemble that is right but globally too
+        confident scores what it will score once calibrated."""
+        if self.training.select_epoch == "loss" or self.in_warmup(epoch):
+            return loss
+        weights = {"energy": self.training.energy_weight}
+        weights["forces"] = self.training.forces_weight
+        score = loss
+        for name, weight in weights.items():
+            z2 = parts.get(f"{name}_z2")
+            if z2 is not None and z2 > 0 and math.isfinite(z2):
+                score -= weight * 0.5 * (z2 - 1.0 - math.log(z2))
+        return score
 
     def _combine(
         self,

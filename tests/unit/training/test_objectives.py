@@ -4,6 +4,7 @@ probabilistic losses in real (short) trainings."""
 
 import copy
 import csv
+import dataclasses
 import math
 
 import pytest
@@ -417,7 +418,11 @@ def test_configured_losses_are_the_ones_trained(
     forces_column = "valid_forces_" + SHORT_NAMES[forces_loss]
     parts = {"valid_energy_mse", "valid_forces_mse"}
     assert logged(warmup) == parts | {"valid_loss"}
-    assert logged(after) == {energy_column, forces_column, "valid_loss"}
+    # and the mean squared z-scores of the Gaussian NLL terms (selection_score)
+    z2 = {"valid_energy_z2"} if energy_loss == "gaussian_nll_ensemble" else set()
+    if forces_loss == "gaussian_nll_ensemble":
+        z2.add("valid_forces_z2")
+    assert logged(after) == {energy_column, forces_column, "valid_loss"} | z2
     for row in rows:
         assert math.isfinite(float(row["valid_loss"]))
         assert math.isfinite(float(row["train_loss"]))
@@ -456,3 +461,54 @@ def test_configured_losses_are_the_ones_trained(
     assert float(after["valid_loss"]) == pytest.approx(
         0.7 * logged_energy + 1.9 * logged_forces, rel=1e-12
     )
+
+
+# -------------------------------- best epoch: the validation NLL after calibration
+def stretched(model, factor):
+    """The model with its heads stretched around their mean by ``factor``: every
+    member energy (and force) deviation from the mean times ``factor``."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in (model.head.weight, model.head.bias):
+            mean = p.mean(dim=0, keepdim=True)
+            p.copy_(mean + factor * (p - mean))
+    return model
+
+
+@pytest.mark.parametrize("objective", ["energy_nll", "energy_force_nll"])
+def test_the_selection_score_ignores_what_the_calibration_fixes(
+    data, start_model, batch, objective
+):
+    from shallow_ensemble.training.stages import Objective, Stage
+
+    stage = Stage("s", "fresh", objective=objective, num_members=4, epochs=2)
+    training = config(data, energy_weight=0.3, forces_weight=2.0)
+    chosen = Objective(stage, training)
+    model = stretched(start_model, 5.0)  # members far apart: heads of one init
+    scores, totals = [], []
+    for factor in (1.0, 0.5, 3.0):
+        result = chosen.loss(stretched(model, factor), batch, 0, z2=True)
+        parts = {k: float(v) for k, v in result.parts.items()}
+        total = float(result.total.detach())
+        scores.append(chosen.selection_score(total, parts, 0))
+        totals.append(total)
+        # the z-scores are those of the loss's own NLL terms, written out
+        energies = stretched(model, factor).predict(batch, forces="mean").energies
+        e_mean, e_var = losses.ensemble_mean_var(energies.detach(), dim=1)
+        n = batch.n_atoms.double()
+        expected = torch.mean((batch.energy / n - e_mean / n) ** 2 / (e_var / n**2))
+        assert parts["energy_z2"] == pytest.approx(float(expected), rel=1e-10)
+        assert ("forces_z2" in parts) == (objective == "energy_force_nll")
+    # stretching every member deviation changes the loss, not its calibrated value
+    assert max(totals) - min(totals) > 0.1
+    assert scores == pytest.approx([scores[0]] * 3, rel=1e-9, abs=1e-9)
+    # at z^2 = 1 the score is the loss; otherwise lower by 0.5 (z^2 - 1 - log z^2)
+    assert chosen.selection_score(2.0, {"energy_z2": 1.0}, 0) == 2.0
+    assert chosen.selection_score(2.0, {"energy_z2": 4.0}, 0) == pytest.approx(
+        2.0 - 0.3 * 0.5 * (4.0 - 1.0 - math.log(4.0))
+    )
+    # the loss itself with select_epoch: loss, and in the MSE warm-up
+    plain = Objective(stage, config(data, select_epoch="loss"))
+    assert plain.selection_score(2.0, {"energy_z2": 4.0}, 0) == 2.0
+    warm = Objective(dataclasses.replace(stage, warmup_epochs=1), training)
+    assert warm.selection_score(2.0, {"energy_z2": 4.0}, 0) == 2.0
