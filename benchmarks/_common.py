@@ -81,6 +81,14 @@ def run_stage(config, folder: Path, reuse: bool) -> dict:
     fingerprint = _fingerprint(config)
     same = stamp.exists() and json.loads(stamp.read_text()) == fingerprint
     if not (reuse and same and (folder / "model.ckpt").exists()):
+        if reuse and stamp.exists() and not same:
+            # e.g. a key added to the configuration since: the stage trains anew
+            stored = json.loads(stamp.read_text())
+            print(f"  {folder}: configuration differs, training anew:", flush=True)
+            for section, values in fingerprint.items():
+                for key, value in values.items():
+                    if stored.get(section, {}).get(key, "<absent>") != value:
+                        print(f"    {section}.{key} = {value!r}", flush=True)
         train(config, folder, overwrite=True, progress=False)  # every strategy
         stamp.write_text(json.dumps(fingerprint, indent=1))
     with open(folder / "metrics.json") as fd:
