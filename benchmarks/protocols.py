@@ -161,7 +161,7 @@ def run_repeat(args, root: Path, run: set[str]) -> dict:
             "total_epochs": epochs,
             "median_epoch_seconds": metrics["median_epoch_seconds"],
             "calibration": metrics["calibration"],
-            **test_metrics(config, folder, args.recalibrate),
+            **test_metrics(config, folder, getattr(args, "recalibrate", False)),
         }
         print(f"  done {name}: {own:.0f} s", flush=True)
     return results
