@@ -121,6 +121,10 @@ def test_held_out_data_decide_whether_a_floor_is_kept():
     alpha, floors = select_noise_floor(y, mean, std, folds)
     assert floors == [0.0]
     assert alpha == pytest.approx(fit_alpha(y, mean, std), rel=1e-12)
+    # without folds, no floor unless one is needed (whatever the sign of the NLL:
+    # errors in large units make it positive)
+    single = torch.zeros(n, dtype=torch.long)
+    assert select_noise_floor(1e3 * y, mean, 1e3 * std, single)[1] == [0.0]
     # components with an error but no spread need the floor, even without folds
     std[:10] = 0.0
     alpha, floors = select_noise_floor(y, mean, std, torch.zeros(n, dtype=torch.long))
