@@ -350,8 +350,8 @@ def select_noise_floor(
     models = ["plain", "shared", "per group"] if n_groups > 1 else ["plain", "floor"]
     if len(fold_ids) < 2:  # no held-out data: a floor only where one is needed
         models = ["plain", models[-1]]
-        needed = not math.isfinite(data.total_nll(plain, [0.0] * n_groups))
-        nll = [1.0, 0.0] if needed else [0.0, 1.0]
+        floor_needed = not math.isfinite(data.total_nll(plain, [0.0] * n_groups))
+        nll = [1.0, 0.0] if floor_needed else [0.0, 1.0]
     else:
         nll = [0.0] * len(models)
         for k in fold_ids:
