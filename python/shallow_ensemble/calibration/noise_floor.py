@@ -172,11 +172,11 @@ def _minimise_floor_nll(
 
     The NLL is not convex in these parameters: a start where the floor explains
     everything can end in a local minimum with ``alpha`` near zero while the global
-    one has a small floor. So the descent runs from a few starts and the lowest NLL
+    one has a small floor. So the descent runs from two starts and the lowest NLL
     wins: ``alpha^2`` at the mean and at the median of ``err2 / var`` (the mean is
     ruled by the components with the least spread), each floor at the mean squared
-    error of its group's components without spread, or at a tenth and at a
-    thousandth of its group's mean squared error."""
+    error of its group's components without spread, or at a tenth of its group's
+    mean squared error."""
     n_groups = free.shape[0]
     spread = var > 0
     if not bool(free.any()):
@@ -188,23 +188,19 @@ def _minimise_floor_nll(
     else:
         ratio = err2[spread] / var[spread]
         a_starts = [float(torch.mean(ratio)), float(torch.median(ratio))]
-    b_starts = []
-    for share in (1e-1, 1e-3):
-        b0 = torch.zeros(n_groups, dtype=torch.float64)
-        for k in range(n_groups):
-            in_k = groups == k
-            if bool(free[k]):
-                flat = in_k & ~spread
-                pick, scale = (flat, 1.0) if bool(flat.any()) else (in_k, share)
-                b0[k] = scale * float(torch.mean(err2[pick] / weight2[pick]))
-        b_starts.append(b0)
+    b0 = torch.zeros(n_groups, dtype=torch.float64)
+    for k in range(n_groups):
+        in_k = groups == k
+        if bool(free[k]):
+            flat = in_k & ~spread
+            pick, share = (flat, 1.0) if bool(flat.any()) else (in_k, 0.1)
+            b0[k] = share * float(torch.mean(err2[pick] / weight2[pick]))
     best: tuple[float, torch.Tensor, float] | None = None
     for a0 in a_starts:
-        for b0 in b_starts:
-            a, b = _descend(err2, var, weight2, groups, free, a0, b0, alpha2 is None)
-            nll = float(_floor_nll(err2, var, weight2, groups, a, b))
-            if best is None or nll < best[2]:
-                best = (a, b, nll)
+        a, b = _descend(err2, var, weight2, groups, free, a0, b0, alpha2 is None)
+        nll = float(_floor_nll(err2, var, weight2, groups, a, b))
+        if best is None or nll < best[2]:
+            best = (a, b, nll)
     assert best is not None
     return best[0], best[1]
 
