@@ -153,8 +153,8 @@ def test_metrics(config, folder: Path, recalibrate: bool = False) -> dict:
     """Test-set metrics of a stage's model, before and after its recalibration.
 
     ``recalibrate``: fit the calibration anew on the validation set with this
-    version's code, as training would now (a stage trained by an older version keeps
-    its weights); the result has it under ``calibration``."""
+    version's code, as training would now (the model keeps its weights); the result
+    has it under ``calibration``."""
     model = load_model(folder / "model.ckpt")
     sets = load_structures(config)
     check_disjoint(sets)

@@ -26,7 +26,8 @@ on) and a summary line starting with ``protocols:``.
 for every repeat; the repeats split it differently). Stages whose folder holds a
 finished model of the same configuration are reused with ``--reuse``;
 ``--recalibrate`` then refits their calibration with the current code (e.g. after a
-change of the calibration, without retraining).
+change of the calibration, without retraining; a configuration key added since the
+stage was trained makes it train anew).
 """
 
 import argparse
@@ -240,8 +241,8 @@ def main() -> None:
         "--recalibrate",
         action="store_true",
         help="refit each model's calibration on its validation set with this "
-        "version's code before scoring (with --reuse: stages trained by an older "
-        "version keep their weights)",
+        "version's code before scoring (with --reuse, stages whose configuration "
+        "still matches keep their weights; a changed or added key retrains)",
     )
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
