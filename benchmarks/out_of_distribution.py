@@ -17,7 +17,15 @@ For every strategy with an uncertainty it reports:
 - ``alpha_E`` (and ``alpha_F``) on the slabs: the NLL-optimal factor
   ``sqrt(<(error/sigma)^2>)`` of the structure energies (force components) after the
   model's own validation calibration (1 = honest, > 1 = overconfident), with the
-  same for the held-out bulk frames for comparison.
+  same for the held-out bulk frames for comparison;
+- ``LLPR ratio``: the same ratio for an uncertainty the models do not output, the
+  analytic last-layer Laplace (LLPR) standard deviation per atom,
+  ``sqrt(phi_i^T (C + r I)^-1 phi_i)`` with ``phi_i`` the atom's last-layer
+  features and ``C`` the covariance of the training atoms' features (``r`` the
+  smallest regulariser that keeps ``C + r I`` positive definite), once with one
+  covariance for all atoms (``pooled``) and once per element (the ratio of each
+  element's atoms). It tells whether a feature-space term in the per-atom
+  uncertainty would rise on the slabs where the ensemble spread does not.
 
 Prints a markdown table and a summary line starting with ``out_of_distribution:``.
 
@@ -37,6 +45,7 @@ import copy
 import json
 from pathlib import Path
 
+import ase.data
 import ase.io
 import numpy as np
 import torch
@@ -53,7 +62,12 @@ from shallow_ensemble.calibration.predictions import (
     evaluate_predictions,
     predict_dataset,
 )
-from shallow_ensemble.data import GraphDataset, read_structures
+from shallow_ensemble.data import GraphDataset, iterate_batches, read_structures
+from shallow_ensemble.laplace import (
+    feature_covariance,
+    laplace_variance,
+    positive_definite_regularizer,
+)
 from shallow_ensemble.training import load_model
 from shallow_ensemble.training.datasets import load_structures
 
@@ -93,6 +107,59 @@ def atom_sigma(model, structures, batch_size: int):
     _, sigma = model.calibrated_atomic_energies(atomic)
     calibrated = calibrate(model, raw)
     return calibrated, sigma.double().numpy()
+
+
+@torch.no_grad()
+def atom_features(model, structures, batch_size: int):
+    """Per-atom last-layer features ``phi_i = s (f_i, 1)`` (float64) and atomic
+    numbers of ``structures``, in order."""
+    parameter = next(model.parameters())
+    rows, numbers = [], []
+    dataset = GraphDataset(list(structures), model.cutoff)
+    for batch in iterate_batches(dataset, batch_size, shuffle=False):
+        batch = batch.to(device=parameter.device, dtype=parameter.dtype)
+        phi, _ = model.head_design(batch)
+        rows.append(phi.cpu())
+        numbers.append(batch.numbers.cpu())
+    return torch.cat(rows), torch.cat(numbers).numpy()
+
+
+def llpr_ratios(train, bulk, slabs, outer: np.ndarray) -> dict[str, float]:
+    """Median analytic LLPR sigma of the outer slab atoms / that of the bulk atoms,
+    with one feature covariance for all atoms (``pooled``) and one per element
+    (keyed by atomic number). Each argument but ``outer`` is ``(phi, numbers)``."""
+
+    def sigma(phi_train, phi):
+        covariance = feature_covariance(phi_train)
+        r = positive_definite_regularizer(covariance)
+        return laplace_variance(phi, covariance, r).sqrt().numpy()
+
+    def ratio(on_slabs, on_bulk) -> float:
+        return float(np.median(on_slabs) / np.median(on_bulk))
+
+    ratios = {
+        "pooled": ratio(sigma(train[0], slabs[0])[outer], sigma(train[0], bulk[0]))
+    }
+    for z in np.unique(train[1]):
+        in_train, in_bulk, in_slabs = train[1] == z, bulk[1] == z, slabs[1] == z
+        if not (in_bulk.any() and (outer & in_slabs).any()):
+            continue
+        phi_train = train[0][in_train]
+        ratios[str(int(z))] = ratio(
+            sigma(phi_train, slabs[0][in_slabs])[outer[in_slabs]],
+            sigma(phi_train, bulk[0][in_bulk]),
+        )
+    return ratios
+
+
+def llpr_cell(ratios: dict[str, float]) -> str:
+    """``pooled (Z1 r1, Z2 r2)`` with element symbols."""
+    per_element = ", ".join(
+        f"{ase.data.chemical_symbols[int(z)]} {value:.2f}"
+        for z, value in ratios.items()
+        if z != "pooled"
+    )
+    return f"{ratios['pooled']:.2f} ({per_element})"
 
 
 def check_export(model, folder: Path, structure, sigma: np.ndarray) -> float:
@@ -145,7 +212,8 @@ def main() -> None:
     rep.data = subset(args.data, args.frames, root.parent)
     rep.split_seed = args.seed
     trained = run_repeat(rep, root, run)
-    bulk = load_structures(make_config(rep, strategy="mse"))["test"]
+    sets = load_structures(make_config(rep, strategy="mse"))
+    bulk = sets["test"]
     slabs = read_structures(args.ood)
     if args.ood_frames is not None:
         slabs = slabs[: args.ood_frames]
@@ -162,12 +230,19 @@ def main() -> None:
         on_bulk = evaluate_predictions(bulk_pred)
         on_slabs = evaluate_predictions(slab_pred)
         median_bulk = float(np.median(bulk_sigma))
+        llpr = llpr_ratios(
+            atom_features(model, sets["train"], args.batch_size),
+            atom_features(model, bulk, args.batch_size),
+            atom_features(model, slabs, args.batch_size),
+            outer,
+        )
         results[name] = {
             "sigma_bulk_median": median_bulk,
             "sigma_outer_median": float(np.median(slab_sigma[outer])),
             "sigma_inner_median": float(np.median(slab_sigma[inner])),
             "ratio_outer": float(np.median(slab_sigma[outer])) / median_bulk,
             "ratio_inner": float(np.median(slab_sigma[inner])) / median_bulk,
+            "llpr_ratio_outer": llpr,
             "alpha_E_slabs": get(on_slabs, "energy", "alpha"),
             "alpha_F_slabs": get(on_slabs, "forces", "alpha"),
             "alpha_E_bulk": get(on_bulk, "energy", "alpha"),
@@ -202,9 +277,9 @@ def main() -> None:
         "| strategy | sigma bulk [meV] | sigma slab inner 50% [meV] | sigma slab "
         f"outer {args.outer:.0%} [meV] | ratio outer/bulk | ratio inner/bulk | "
         "alpha_E slabs | alpha_E bulk test | alpha_F slabs | alpha_F bulk test | "
-        "E RMSE slabs / bulk [eV] |"
+        "E RMSE slabs / bulk [eV] | LLPR ratio outer/bulk: pooled (per element) |"
     )
-    print("| --- |" + " ---: |" * 10)
+    print("| --- |" + " ---: |" * 11)
     for name, r in results.items():
         print(
             f"| {name} | {1000 * r['sigma_bulk_median']:.2f} | "
@@ -213,7 +288,7 @@ def main() -> None:
             f"{r['ratio_inner']:.2f} | {r['alpha_E_slabs']:.2f} | "
             f"{r['alpha_E_bulk']:.2f} | {r['alpha_F_slabs']:.2f} | "
             f"{r['alpha_F_bulk']:.2f} | {r['E_rmse_slabs']:.3f} / "
-            f"{r['E_rmse_bulk']:.3f} |"
+            f"{r['E_rmse_bulk']:.3f} | {llpr_cell(r['llpr_ratio_outer'])} |"
         )
     if args.json:
         with open(args.json, "w") as fd:

@@ -299,7 +299,41 @@ def test_out_of_distribution_reports_every_strategy(benchmark_runs):
         assert r["ratio_outer"] == pytest.approx(
             r["sigma_outer_median"] / r["sigma_bulk_median"]
         )
+        # silicon only: the per-element covariance is the pooled one
+        llpr = r["llpr_ratio_outer"]
+        assert set(llpr) == {"pooled", "14"}
+        assert math.isfinite(llpr["pooled"]) and llpr["pooled"] > 0
+        assert llpr["14"] == pytest.approx(llpr["pooled"], rel=1e-9)
     assert results["protocol"]["export_max_relative_difference"] < 1e-2
+
+
+def test_llpr_ratio_closed_form():
+    """The analytic LLPR sigma is linear in the features: slab features twice the
+    bulk ones give a ratio of exactly 2, pooled and per element; only the outer
+    atoms of the slabs count, and an element without outer atoms has no ratio."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from out_of_distribution import llpr_ratios
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    phi = torch.randn(200, 5, dtype=torch.float64, generator=generator)
+    numbers = np.array([1, 8] * 100)
+    bulk = (phi[:40], numbers[:40])
+    slabs = (2.0 * phi[:40], numbers[:40])
+    outer = np.ones(40, dtype=bool)
+    ratios = llpr_ratios((phi, numbers), bulk, slabs, outer)
+    assert set(ratios) == {"pooled", "1", "8"}
+    for value in ratios.values():
+        assert value == pytest.approx(2.0, rel=1e-12)
+    # only the outer atoms count
+    outer[::2] = False
+    slabs = (torch.where(torch.from_numpy(outer)[:, None], 3.0, 1.0) * phi[:40],)
+    ratios = llpr_ratios((phi, numbers), bulk, slabs + (numbers[:40],), outer)
+    assert ratios["8"] == pytest.approx(3.0, rel=1e-12)
+    assert "1" not in ratios  # no outer hydrogen
 
 
 def test_noise_floor_compares_two_calibrations_of_the_same_predictions(benchmark_runs):
