@@ -294,26 +294,28 @@ def fit_calibration(
     optionally noise floors (:py:mod:`~shallow_ensemble.calibration.noise_floor`).
 
     The factors ``alpha_energy``, ``alpha_forces`` and ``alpha_atom`` stretch the
-    members (:py:meth:`EnsemblePredictions.calibrated`); they are fitted on the
-    components with an ensemble spread (:py:func:`zero_spread`), as the best single
-    factor for whoever sees only the members. ``alpha_atom`` assumes independent
-    per-atom errors: it scales the per-atom member spreads so that their sum in
-    quadrature matches the structure energy errors, :math:`\alpha_{atom}^2 = \langle
-    \Delta E^2 / \sum_i \sigma_i^2 \rangle`.
+    members (:py:meth:`EnsemblePredictions.calibrated`); without a floor they are
+    the NLL-optimal single factors on the components with an ensemble spread
+    (:py:func:`zero_spread`). ``alpha_atom`` assumes independent per-atom errors: it
+    scales the per-atom member spreads so that their sum in quadrature matches the
+    structure energy errors, :math:`\alpha_{atom}^2 = \langle \Delta E^2 / \sum_i
+    \sigma_i^2 \rangle`.
 
-    With ``noise_floor``, each uncertainty also gets a floor model fitted on all
-    components, :math:`\sigma^2 = (s \sigma_{cal})^2 + \sigma_0^2` with
-    :math:`\sigma_{cal}` the spread of the stretched members: the energy per atom
-    (``sigma0_energy``, eV/atom, ``floor_scale_energy``), the per-atom energy
-    uncertainty (``sigma0_atom``, eV, ``floor_scale_atom``; a structure's variance is
-    the sum over its atoms) and the force components of each element
-    (``sigma0_forces``, eV/Å by element symbol, ``floor_scale_forces``; one floor per
-    element, or the same floor for all, whichever predicts held-out structures
-    better). A floor is
-    kept only if it lowers the NLL of held-out structures
-    (:py:func:`~shallow_ensemble.calibration.noise_floor.select_noise_floor`,
-    :py:data:`NOISE_FLOOR_FOLDS` folds); otherwise its scale is 1 and its floor 0. A
-    one-member model gets factors of 1 and no floors.
+    With ``noise_floor``, each uncertainty may also get a floor, a model fitted on all
+    components, :math:`\sigma^2 = (\alpha \sigma_{ens})^2 + \sigma_0^2`: the energy
+    per atom (``sigma0_energy``, eV/atom), the per-atom energy uncertainty
+    (``sigma0_atom``, eV; a structure's variance is the sum over its atoms) and the
+    force components of each element (``sigma0_forces``, eV/Å by element symbol; one
+    floor per element, or the same floor for all, whichever predicts held-out
+    structures better). A floor is kept only if it lowers the NLL of held-out
+    structures (:py:func:`~shallow_ensemble.calibration.noise_floor.select_noise_floor`,
+    :py:data:`NOISE_FLOOR_FOLDS` folds); its model's factor then replaces the factor
+    alone, so the members carry the floor model's factor on the spread. (The factor
+    alone is driven by the few components whose spread is far below their error,
+    e.g. forces that vanish by symmetry, and would stretch every other member
+    spread, by up to 10^3 on tantalum.) The ``floor_scale_*`` are 1: a further
+    scale on the spread that calibrations of earlier versions stored. A one-member
+    model gets factors of 1 and no floors.
 
     :return: the keys of :py:func:`uncalibrated`
     :raises CalibrationError: without reference energies, with non-finite
@@ -352,7 +354,7 @@ def fit_calibration(
         )
         if floor > 0:
             fit["sigma0_energy"] = floor
-            fit["floor_scale_energy"] = alpha / fit["alpha_energy"]
+            fit["alpha_energy"] = alpha
     if predictions.forces is not None and predictions.forces_ref is not None:
         f_mean, f_std = mean_std(predictions.forces, 0)
         f_zero, _ = zero_spread(f_mean, f_std)
@@ -371,7 +373,7 @@ def fit_calibration(
             )
             if any(value > 0 for value in floors.values()):
                 fit["sigma0_forces"] = floors
-                fit["floor_scale_forces"] = alpha / fit["alpha_forces"]
+                fit["alpha_forces"] = alpha
     else:
         fit["alpha_forces"] = fit["alpha_energy"]
     _, atom_std = mean_std(predictions.atomic, 1)
@@ -389,7 +391,7 @@ def fit_calibration(
         )
         if floor > 0:
             fit["sigma0_atom"] = floor
-            fit["floor_scale_atom"] = alpha / fit["alpha_atom"]
+            fit["alpha_atom"] = alpha
     return fit
 
 

@@ -244,13 +244,13 @@ class CalibrationConfig:
     enabled: bool = True
     """Fit the calibration factors (alpha) on the validation set after training."""
     noise_floor: bool = True
-    """Also fit a noise floor model on the validation set, sigma^2 = (floor_scale *
-    sigma_cal)^2 + sigma_0^2 with sigma_cal the calibrated member spread (per atom for
-    energies; for force components one floor per element or one for all elements),
-    kept where it lowers the cross-validated NLL: components the members all predict
-    alike (atoms on high-symmetry sites, atoms without neighbours) get an
-    uncertainty, and no longer inflate the others. The members keep the factors
-    alone. ``false``: the factors alone."""
+    """Also fit a noise floor model on the validation set, sigma^2 = (alpha *
+    sigma_ens)^2 + sigma_0^2 with sigma_ens the member spread (per atom for energies;
+    for force components one floor per element or one for all elements), kept where
+    it lowers the cross-validated NLL: components the members all predict alike
+    (atoms on high-symmetry sites, atoms without neighbours) get an uncertainty, and
+    no longer inflate the others. Where a floor is kept, the members are stretched
+    by its model's alpha. ``false``: the factors alone."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -202,10 +202,11 @@ def _t(values):
     return torch.tensor(values, dtype=DTYPE)
 
 
-def _by_construction(n_atoms=4000, seed=0):
+def _by_construction(n_atoms=4000, seed=0, flat=0.0):
     """One-atom structures of H and O; H forces have a spread and errors drawn with
-    exactly that std, O forces (a high-symmetry site) have no spread at all and
-    errors of std 0.2 eV/Å. Energies: errors drawn with 1.5x the (varied) spread."""
+    exactly that std, O forces (a high-symmetry site) have a spread ``flat`` (none by
+    default) and errors of std 0.2 eV/Å. Energies: errors drawn with 1.5x the
+    (varied) spread."""
     generator = torch.Generator().manual_seed(seed)
     numbers = torch.where(torch.arange(n_atoms) % 3 == 0, 8, 1)
     members = 8
@@ -213,7 +214,8 @@ def _by_construction(n_atoms=4000, seed=0):
     noise = (noise - noise.mean(0)) / noise.std(0)  # exactly unit spread
     scale = 0.05 + 0.5 * torch.rand(n_atoms, 1, dtype=DTYPE, generator=generator)
     forces = noise * scale
-    forces[:, numbers == 8] = 0.3  # all members alike
+    oxygen = numbers == 8
+    forces[:, oxygen] = 0.3 + flat * noise[:, oxygen]  # (nearly) all members alike
     errors = torch.randn(n_atoms, 3, dtype=DTYPE, generator=generator)
     errors = torch.where((numbers == 8).unsqueeze(-1), 0.2 * errors, scale * errors)
     e_noise = torch.randn(n_atoms, members, dtype=DTYPE, generator=generator)
@@ -233,6 +235,33 @@ def _by_construction(n_atoms=4000, seed=0):
     )
 
 
+def test_nearly_flat_components_do_not_stretch_the_members():
+    """O forces with a spread of 1e-6 eV/Å and errors of 0.2 eV/Å: the factor alone
+    is driven to ~1e5 by them, which would make every H member spread 1e5x too
+    wide; with the floor kept the members carry the floor model's factor (1 by
+    construction), and the calibrated H forces, members alone, have alpha 1."""
+    predictions = _by_construction(flat=1e-6)
+    plain = fit_calibration(predictions, noise_floor=False)
+    assert plain["alpha_forces"] > 1e4
+    fit = fit_calibration(predictions, noise_floor=True)
+    assert fit["sigma0_forces"]["O"] == pytest.approx(0.2, rel=0.05)
+    assert fit["alpha_forces"] == pytest.approx(1.0, abs=0.05)
+    assert fit["floor_scale_forces"] == 1.0
+    # the members stretched by alpha_forces, no floor: what an engine that sees only
+    # the members gets; honest on H, overconfident on the flat O components
+    report = evaluate_predictions(
+        predictions.calibrated(fit["alpha_energy"], fit["alpha_forces"])
+    )
+    assert report["forces_by_element"]["H"]["alpha"] == pytest.approx(1.0, abs=0.05)
+    assert report["forces_by_element"]["O"]["alpha"] > 1e4
+    # the floor model is the same whichever way its factor is stored
+    floors = noise_floors(fit)
+    floored = evaluate_predictions(
+        predictions.calibrated(fit["alpha_energy"], fit["alpha_forces"], floors)
+    )
+    assert floored["forces"]["alpha"] == pytest.approx(1.0, abs=0.05)
+
+
 def test_calibrated_by_construction_per_element():
     predictions = _by_construction()
     fit = fit_calibration(predictions, noise_floor=True)
@@ -242,7 +271,7 @@ def test_calibrated_by_construction_per_element():
     # the floor model: O errors were drawn with std 0.2 and no spread
     assert fit["sigma0_forces"]["O"] == pytest.approx(0.2, rel=0.05)
     assert fit["sigma0_forces"]["H"] < 0.02
-    assert fit["floor_scale_forces"] == pytest.approx(1.0, abs=0.05)
+    assert fit["floor_scale_forces"] == 1.0
     floors = noise_floors(fit)
     assert floors.forces[8] == fit["sigma0_forces"]["O"]
     report = evaluate_predictions(
@@ -261,7 +290,7 @@ def test_calibrated_by_construction_per_element():
     # without the floors the O components have no uncertainty: left out
     plain = fit_calibration(predictions, noise_floor=False)
     assert plain["sigma0_forces"] == {}
-    assert plain["alpha_forces"] == fit["alpha_forces"]
+    assert plain["alpha_forces"] == pytest.approx(1.0, abs=0.05)
     report = evaluate_predictions(
         predictions.calibrated(plain["alpha_energy"], plain["alpha_forces"])
     )
