@@ -283,7 +283,8 @@ def _calibration_text(model: ModelKind) -> str:
             f"floor^2): energy {floors.energy:.3g} eV/atom with scale "
             f"{floors.energy_scale:.3g}, per-atom energy {floors.atom:.3g} eV with "
             f"scale {floors.atom_scale:.3g}, forces {forces or 'none'} eV/Å with "
-            f"scale {floors.forces_scale:.3g} (the members: stretched by the alphas, no floor)"
+            f"scale {floors.forces_scale:.3g} (the members: stretched by the "
+            "alphas, no floor)"
         )
     return text
 
