@@ -137,8 +137,7 @@ class ModelKind(torch.nn.Module):
     ``alpha_atom``, 1 until calibrated) and noise floors (buffers ``sigma0_energy``,
     eV/atom, ``sigma0_atom``, eV, and ``sigma0_forces``, eV/Å indexed by atomic
     number, 0 until calibrated, with the scales ``floor_scale_energy``,
-    ``floor_scale_atom``, ``floor_scale_forces``, 1 except in calibrations of
-    earlier versions, which kept the factor alone in ``alpha_*``; see
+    ``floor_scale_atom``, ``floor_scale_forces``, 1 until calibrated; see
     :py:class:`~shallow_ensemble.calibration.noise_floor.NoiseFloors`),
     :py:attr:`atomic_types` and
     :py:attr:`cutoff` (the interaction range, angstrom). A kind implements:

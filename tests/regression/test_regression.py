@@ -21,7 +21,7 @@ INITIAL = [-0.7277127200656548, -3.71536303410726, -1.018203285384741]
 TRAINED_MEMBERS = [-4209.502715120798, -4209.573133956481, -4209.696265155406]
 TRAINED_CALIBRATION = {
     "alpha_energy": 2.5572575084668623,
-    "alpha_forces": 6.301839261197072,
+    "alpha_forces": 7.520319331702881,
     "alpha_atom": 4.849599884246488,
     "sigma0_energy": 0.0,
     "sigma0_atom": 0.0,
@@ -32,7 +32,7 @@ TRAINED_CALIBRATION = {
     },
     "floor_scale_energy": 1.0,
     "floor_scale_atom": 1.0,
-    "floor_scale_forces": 1.0,
+    "floor_scale_forces": 0.8379749560142814,
 }
 
 

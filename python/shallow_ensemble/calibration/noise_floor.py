@@ -25,8 +25,8 @@ class NoiseFloors:
     r"""Noise floors of the calibrated uncertainties (see :py:func:`fit_noise_floor`).
 
     The members are stretched by ``alpha`` (what engines that see only the members
-    get: where a floor is kept, the floor model's factor); an uncertainty with a
-    floor is then
+    get: where a floor is kept, the factor of the components whose uncertainty the
+    ensemble term rules); an uncertainty with a floor is then
     :math:`\sqrt{(s \sigma)^2 + \sigma_0^2}`, with :math:`\sigma` the spread of the
     stretched members, :math:`s` the scale of the floor model and :math:`\sigma_0`:
 
@@ -47,15 +47,12 @@ class NoiseFloors:
     """Floor of each force component by atomic number, eV/Å (0 for elements not
     listed)."""
     energy_scale: float = 1.0
-    """Scale of the calibrated energy spread in the floor model (1: this version
-    folds the floor model's factor into ``alpha_energy``; calibrations of earlier
-    versions stored it here)."""
+    """Scale of the calibrated energy spread in the floor model."""
     atom_scale: float = 1.0
-    """Scale of the calibrated per-atom spread in the floor model (1, as
-    :py:attr:`energy_scale`)."""
+    """Scale of the calibrated per-atom spread in the floor model (1 in this
+    version's calibrations: ``alpha_atom`` is the floor model's factor)."""
     forces_scale: float = 1.0
-    """Scale of the calibrated force spread in the floor model (1, as
-    :py:attr:`energy_scale`)."""
+    """Scale of the calibrated force spread in the floor model."""
 
     @classmethod
     def from_buffers(cls, module: Any) -> "NoiseFloors":

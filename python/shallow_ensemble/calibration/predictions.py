@@ -309,13 +309,14 @@ def fit_calibration(
     floor per element, or the same floor for all, whichever predicts held-out
     structures better). A floor is kept only if it lowers the NLL of held-out
     structures (:py:func:`~shallow_ensemble.calibration.noise_floor.select_noise_floor`,
-    :py:data:`NOISE_FLOOR_FOLDS` folds); its model's factor then replaces the factor
-    alone, so the members carry the floor model's factor on the spread. (The factor
-    alone is driven by the few components whose spread is far below their error,
-    e.g. forces that vanish by symmetry, and would stretch every other member
-    spread, by up to 10^3 on tantalum.) The ``floor_scale_*`` are 1: a further
-    scale on the spread that calibrations of earlier versions stored. A one-member
-    model gets factors of 1 and no floors.
+    :py:data:`NOISE_FLOOR_FOLDS` folds). Where a floor is kept, the members (which
+    cannot carry it) are stretched by the NLL-optimal factor on the components whose
+    uncertainty the ensemble term rules (:math:`\alpha \sigma_{ens} \ge \sigma_0`),
+    and ``floor_scale_*`` is the floor model's factor over that one; the factor alone
+    is driven by the few components whose spread is far below their error (forces
+    that vanish by symmetry) and would stretch every other member spread, by up to
+    10^3 on tantalum. The per-atom uncertainty has no members: ``alpha_atom`` is the
+    floor model's factor. A one-member model gets factors of 1 and no floors.
 
     :return: the keys of :py:func:`uncalibrated`
     :raises CalibrationError: without reference energies, with non-finite
@@ -354,7 +355,11 @@ def fit_calibration(
         )
         if floor > 0:
             fit["sigma0_energy"] = floor
-            fit["alpha_energy"] = alpha
+            members = _members_factor(
+                reference, mean, std_fit, floor * n_atoms, alpha, fit["alpha_energy"]
+            )
+            fit["alpha_energy"] = members
+            fit["floor_scale_energy"] = alpha / members
     if predictions.forces is not None and predictions.forces_ref is not None:
         f_mean, f_std = mean_std(predictions.forces, 0)
         f_zero, _ = zero_spread(f_mean, f_std)
@@ -373,7 +378,17 @@ def fit_calibration(
             )
             if any(value > 0 for value in floors.values()):
                 fit["sigma0_forces"] = floors
-                fit["alpha_forces"] = alpha
+                atom_floor = noise_floors(fit).force_floor(predictions._numbers())
+                members = _members_factor(
+                    predictions.forces_ref,
+                    f_mean,
+                    torch.where(f_zero, torch.zeros_like(f_std), f_std),
+                    atom_floor.to(f_std).unsqueeze(-1).expand_as(f_std),
+                    alpha,
+                    fit["alpha_forces"],
+                )
+                fit["alpha_forces"] = members
+                fit["floor_scale_forces"] = alpha / members
     else:
         fit["alpha_forces"] = fit["alpha_energy"]
     _, atom_std = mean_std(predictions.atomic, 1)
@@ -393,6 +408,26 @@ def fit_calibration(
             fit["sigma0_atom"] = floor
             fit["alpha_atom"] = alpha
     return fit
+
+
+def _members_factor(
+    reference: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    floor: torch.Tensor,
+    alpha: float,
+    alone: float,
+) -> float:
+    """The stretch of the members where a floor model ``sigma^2 = (alpha std)^2 +
+    floor^2`` is kept: the NLL-optimal factor on the components whose uncertainty the
+    ensemble term rules (``alpha * std >= floor``, and a spread), the factor alone
+    ``alone`` if there are none. Components whose spread is far below their error
+    (forces that vanish by symmetry) would otherwise drive it up and stretch every
+    other member spread; the members cannot carry the floor."""
+    ensemble = (alpha * std >= floor) & (std > 0)
+    if not bool(ensemble.any()):
+        return alone
+    return fit_alpha(reference[ensemble], mean[ensemble], std[ensemble])
 
 
 def _fit_force_floors(

@@ -250,7 +250,8 @@ class CalibrationConfig:
     it lowers the cross-validated NLL: components the members all predict alike
     (atoms on high-symmetry sites, atoms without neighbours) get an uncertainty, and
     no longer inflate the others. Where a floor is kept, the members are stretched
-    by its model's alpha. ``false``: the factors alone."""
+    by the factor of the components whose uncertainty the ensemble term rules.
+    ``false``: the factors alone."""
 
 
 @dataclass(frozen=True, kw_only=True)
