@@ -62,7 +62,7 @@ from shallow_ensemble.calibration.predictions import (
     evaluate_predictions,
     predict_dataset,
 )
-from shallow_ensemble.data import GraphDataset, iterate_batches, read_structures
+from shallow_ensemble.data import GraphDataset, read_structures
 from shallow_ensemble.laplace import (
     feature_covariance,
     laplace_variance,
@@ -70,6 +70,7 @@ from shallow_ensemble.laplace import (
 )
 from shallow_ensemble.training import load_model
 from shallow_ensemble.training.datasets import load_structures
+from shallow_ensemble.training.initialization import head_features
 
 
 DEFAULT = ("laplace", "energy_nll", "energy_force_nll", "protocol")
@@ -109,19 +110,12 @@ def atom_sigma(model, structures, batch_size: int):
     return calibrated, sigma.double().numpy()
 
 
-@torch.no_grad()
 def atom_features(model, structures, batch_size: int):
-    """Per-atom last-layer features ``phi_i = s (f_i, 1)`` (float64) and atomic
-    numbers of ``structures``, in order."""
-    parameter = next(model.parameters())
-    rows, numbers = [], []
+    """Per-atom last-layer features ``phi_i = s (f_i, 1)`` (float64, those of the
+    Laplace approximation) and atomic numbers of ``structures``, in order."""
     dataset = GraphDataset(list(structures), model.cutoff)
-    for batch in iterate_batches(dataset, batch_size, shuffle=False):
-        batch = batch.to(device=parameter.device, dtype=parameter.dtype)
-        phi, _ = model.head_design(batch)
-        rows.append(phi.cpu())
-        numbers.append(batch.numbers.cpu())
-    return torch.cat(rows), torch.cat(numbers).numpy()
+    phi, _, _ = head_features(model, dataset, per_atom=True, batch_size=batch_size)
+    return phi, np.concatenate([np.asarray(s.numbers) for s in structures])
 
 
 def llpr_ratios(train, bulk, slabs, outer: np.ndarray) -> dict[str, float]:

@@ -370,11 +370,9 @@ def fit_calibration(
             predictions.forces_ref[f_keep], f_mean[f_keep], f_std[f_keep]
         )
         if noise_floor:
+            f_std_fit = torch.where(f_zero, torch.zeros_like(f_std), f_std)
             alpha, floors = _fit_force_floors(
-                predictions,
-                f_mean,
-                torch.where(f_zero, torch.zeros_like(f_std), f_std),
-                folds[predictions.system_index],
+                predictions, f_mean, f_std_fit, folds[predictions.system_index]
             )
             if any(value > 0 for value in floors.values()):
                 fit["sigma0_forces"] = floors
@@ -382,7 +380,7 @@ def fit_calibration(
                 members = _members_factor(
                     predictions.forces_ref,
                     f_mean,
-                    torch.where(f_zero, torch.zeros_like(f_std), f_std),
+                    f_std_fit,
                     atom_floor.to(f_std).unsqueeze(-1).expand_as(f_std),
                     alpha,
                     fit["alpha_forces"],

@@ -244,8 +244,9 @@ class CalibrationConfig:
     enabled: bool = True
     """Fit the calibration factors (alpha) on the validation set after training."""
     noise_floor: bool = True
-    """Also fit a noise floor model on the validation set, sigma^2 = (alpha *
-    sigma_ens)^2 + sigma_0^2 with sigma_ens the member spread (per atom for energies;
+    """Also fit a noise floor model on the validation set, sigma^2 = (a *
+    sigma_ens)^2 + sigma_0^2 with a fitted factor a, sigma_ens the member spread (per
+    atom for energies;
     for force components one floor per element or one for all elements), kept where
     it lowers the cross-validated NLL: components the members all predict alike
     (atoms on high-symmetry sites, atoms without neighbours) get an uncertainty, and

@@ -16,6 +16,7 @@ from shallow_ensemble.calibration.noise_floor import (
 )
 from shallow_ensemble.calibration.predictions import (
     EnsemblePredictions,
+    _members_factor,
     evaluate_predictions,
     fit_calibration,
     noise_floors,
@@ -261,6 +262,19 @@ def test_nearly_flat_components_do_not_stretch_the_members():
         predictions.calibrated(fit["alpha_energy"], fit["alpha_forces"], floors)
     )
     assert floored["forces"]["alpha"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_members_factor_closed_form():
+    """The members' factor is fitted on the components the ensemble term rules
+    (alpha * std >= floor, with a spread) only; without any, the factor alone."""
+    reference = _t([2.0, 3.0, 0.5, 0.5])
+    mean = torch.zeros(4, dtype=DTYPE)
+    std = _t([1.0, 1.0, 1e-6, 0.0])
+    floor = torch.full((4,), 0.1, dtype=DTYPE)
+    # components 0 and 1: z^2 = 4 and 9, so alpha = sqrt(6.5)
+    factor = _members_factor(reference, mean, std, floor, 1.0, 99.0)
+    assert factor == pytest.approx(math.sqrt(6.5), rel=1e-12)
+    assert _members_factor(reference, mean, std, 10 * floor + 1, 1.0, 99.0) == 99.0
 
 
 def test_calibrated_by_construction_per_element():
